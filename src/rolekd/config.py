@@ -1,0 +1,229 @@
+"""Experiment configuration: YAML files (safe loader) validated into typed pydantic models.
+
+``load_config(path, overrides)`` reads a YAML file (or the defaults when ``path`` is None), applies
+``key=value`` overrides (dotted keys such as ``train.lr=0.05``; a few short aliases such as
+``teacher=...`` or ``w_bits=4``), validates everything and returns a :class:`Config`. Every problem
+becomes one :class:`~rolekd.errors.UserError` line that names the key and what to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: Literal["cifar10-sample", "cifar10", "cifar100", "cifar10-jpeg"] = "cifar10-sample"
+    path: str | None = None  # the .npz file for cifar10-jpeg
+    data_dir: str | None = None  # torchvision root for cifar10/cifar100 (default ~/.cache/rolekd/data)
+    download: bool = True
+    split: Literal["full", "reduced"] = "full"  # reduced = PBA's search split (train / validation)
+    train_size: int = Field(4000, gt=0)
+    val_size: int = Field(46000, gt=0)
+    split_seed: int = 0
+
+
+class ModelConfig(_Section):
+    name: str = "resnet_tiny"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(200, gt=0)
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(1000, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    lr_step_frac: float = Field(0.3, gt=0, le=1)  # multiply lr by lr_gamma after every this fraction of epochs
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 autocast on CUDA, off on CPU
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on for CUDA
+    compile: bool = False
+    progress: bool = True
+    eval_every: int = Field(1, gt=0)
+
+
+class AugmentConfig(_Section):
+    pad: int = Field(4, ge=0)
+    flip: bool = True
+    cutout: int = Field(16, ge=0)  # side of the base Cutout square, 0 = off
+    schedule: str | None = None  # a schedule file (rolekd JSON, PBA log, Ray PBT log)
+    schedule_epochs: int | None = Field(None, gt=0)  # search epochs of a log-format schedule
+    multiplier: float = Field(1.0, gt=0)
+
+
+class QuantConfig(_Section):
+    w_bits: int = 32
+    a_bits: int = 32
+
+    @model_validator(mode="after")
+    def _bits(self):
+        for key in ("w_bits", "a_bits"):
+            b = getattr(self, key)
+            if not (1 <= b <= 8 or b == 32):
+                raise ValueError(f"{key}={b} is not supported: use 1..8 or 32 (full precision)")
+        return self
+
+
+class KDConfig(_Section):
+    method: str | None = None  # soft | dml | rkd | kdsvd | mhgd | iikd; None = no KD
+    teacher: str | None = None  # a teacher run directory or its model.safetensors
+    teacher_model: str | None = None  # defaults to the teacher run's model, else model.name
+    lam: float = Field(0.4, ge=0)
+    T: float = Field(4.0, gt=0)
+    lam_decay: float = Field(0.5, gt=0, le=1)
+    lam_decay_every: int = Field(60, gt=0)
+    clip: bool = True
+    clip_e0: float = 0.0
+    prepare_epochs: int = Field(1, ge=0)  # MHGD: epochs to train its attention network on the teacher
+    init_from_teacher: bool = True  # a same-architecture student starts from the teacher's weights
+
+
+class SearchConfig(_Section):
+    role: Literal["teacher", "student"] = "teacher"
+    population: int = Field(16, ge=2)
+    epochs: int = Field(200, gt=0)
+    perturb_interval: int = Field(3, gt=0)
+    quantile: float = Field(0.25, gt=0, le=0.5)
+    resample_prob: float = Field(0.2, ge=0, le=1)
+    seed: int = 0
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    ray_num_cpus: float = Field(1.0, gt=0)
+    ray_num_gpus: float = Field(0.0, ge=0)
+
+
+class Config(_Section):
+    name: str = "run"
+    out: str | None = None  # run directory; default runs/<name>
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    pipeline: dict[str, Any] = Field(default_factory=dict)  # validated by rolekd.pipeline
+
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.name
+
+
+ALIASES = {
+    "teacher": "kd.teacher",
+    "method": "kd.method",
+    "lam": "kd.lam",
+    "w_bits": "quant.w_bits",
+    "a_bits": "quant.a_bits",
+    "role": "search.role",
+    "epochs": "train.epochs",
+    "lr": "train.lr",
+    "batch_size": "train.batch_size",
+    "device": "train.device",
+    "seed": "train.seed",
+    "model": "model.name",
+    "dataset": "data.name",
+    "schedule": "augment.schedule",
+}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} not found: give the path of a YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (values parsed as YAML scalars/lists) to a nested dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value (e.g. train.lr=0.05)")
+        key = ALIASES.get(key, key)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise UserError(f"override {item!r}: {part} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        section = Config
+        for part in e["loc"][:-1]:
+            field = section.model_fields.get(str(part))
+            section = field.annotation if field is not None else None
+            if section is None or not isinstance(section, type) or not issubclass(section, BaseModel):
+                break
+        known = ", ".join(section.model_fields) if isinstance(section, type) else ""
+        msg = f"unknown key {loc}" + (f" (known here: {known})" if known else "")
+    else:
+        msg = f"{loc}: {e['msg']}"
+        if "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {msg}{more}"
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` (or start from ``base`` / defaults), apply overrides, validate."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = _merge(data, read_yaml(path))
+    data = apply_overrides(data, list(overrides or []))
+    return validate_config(data, str(path) if path is not None else "config")
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

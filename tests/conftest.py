@@ -1,0 +1,34 @@
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SAMPLE = Path(__file__).resolve().parents[1] / "src" / "rolekd" / "data" / "cifar10_sample.npz"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+torch.set_num_threads(2)
+
+
+def _decode(n: int) -> np.ndarray:
+    from PIL import Image
+
+    d = np.load(SAMPLE)
+    jpeg, off = d["train_jpeg"], d["train_offsets"]
+    return np.stack([np.asarray(Image.open(io.BytesIO(jpeg[off[i]:off[i + 1]].tobytes())).convert("RGB"))
+                     for i in range(n)])
+
+
+@pytest.fixture(scope="session")
+def cifar_images() -> np.ndarray:
+    """512 real CIFAR-10 training images from the bundled sample, uint8 (N, 32, 32, 3)."""
+    return _decode(512)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared beside the checkout (fixtures, full CIFAR-10 JPEG copy); skips when absent."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared is not beside this checkout")
+    return SHARED

@@ -1,0 +1,129 @@
+import io
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rolekd.data import DeviceLoader, Split, load_dataset, load_jpeg_npz, reduced_split
+from rolekd.errors import UserError
+
+
+def test_sample_is_real_balanced_cifar(cifar_images):
+    b = load_dataset("cifar10-sample")
+    assert b.train.images.dtype == torch.uint8 and b.train.images.shape[1:] == (3, 32, 32)
+    assert torch.bincount(b.train.labels).tolist() == [400] * 10
+    assert torch.bincount(b.test.labels).tolist() == [100] * 10
+    # decoded pixels equal an independent PIL decode (conftest), NHWC vs NCHW
+    assert np.array_equal(b.train.images[:16].permute(0, 2, 3, 1).numpy(), cifar_images[:16])
+    # statistics close to CIFAR-10's published channel means (data README: 0.4913, 0.4821, 0.4465)
+    assert np.allclose(b.mean, (0.4913, 0.4821, 0.4465), atol=0.01)
+
+
+def test_reduced_split_matches_pba_permutation():
+    n = 500
+    train = Split(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), torch.arange(n))
+    tr, va = reduced_split(train, 40, 300, seed=0)
+    np.random.seed(0)  # PBA: np.random.seed(0); np.random.shuffle(perm)
+    perm = np.arange(n)
+    np.random.shuffle(perm)
+    assert tr.labels.tolist() == perm[:40].tolist()
+    assert va.labels.tolist() == perm[40:340].tolist()
+    assert len(set(tr.labels.tolist()) & set(va.labels.tolist())) == 0
+    tr2, _ = reduced_split(train, 40, 300, seed=0)
+    assert torch.equal(tr.labels, tr2.labels)
+    tr3, _ = reduced_split(train, 40, 300, seed=1)
+    assert not torch.equal(tr.labels, tr3.labels)
+    with pytest.raises(UserError, match="train_size"):
+        reduced_split(train, 400, 300)
+
+
+def test_full_cifar10_reduced_split_sizes(shared_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROLEKD_CACHE", str(tmp_path))
+    t0 = time.perf_counter()
+    b = load_jpeg_npz(shared_dir / "data" / "cifar10_jpeg.npz")
+    first = time.perf_counter() - t0
+    assert len(b.train) == 50000 and len(b.test) == 10000
+    tr, va = reduced_split(b.train, 4000, 46000, 0)
+    assert len(tr) == 4000 and len(va) == 46000
+    assert list(tmp_path.glob("*.npz")), "decoded arrays are cached"
+    t0 = time.perf_counter()
+    b2 = load_jpeg_npz(shared_dir / "data" / "cifar10_jpeg.npz")
+    assert torch.equal(b2.train.images[:100], b.train.images[:100])
+    assert time.perf_counter() - t0 < first  # the cache skips decoding
+
+
+def test_bad_data_paths(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_jpeg_npz(tmp_path / "nope.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    with pytest.raises(UserError, match="not a readable"):
+        load_jpeg_npz(bad)
+    np.savez(tmp_path / "partial.npz", train_jpeg=np.zeros(3, np.uint8))
+    with pytest.raises(UserError, match="lacks arrays"):
+        load_jpeg_npz(tmp_path / "partial.npz")
+    with pytest.raises(UserError, match="data.path"):
+        load_dataset("cifar10-jpeg")
+
+
+def test_offline_torchvision_cifar_is_one_clear_error(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as u
+
+    def no_network(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(u, "urlretrieve", no_network, raising=False)
+    monkeypatch.setattr(u, "_urlretrieve", no_network, raising=False)
+    monkeypatch.setattr(u, "download_url", no_network)
+    monkeypatch.setattr(u, "download_and_extract_archive", no_network)
+    import torchvision.datasets.cifar as c
+
+    monkeypatch.setattr(c, "download_and_extract_archive", no_network)
+    with pytest.raises(UserError, match="CIFAR-100 is not in"):
+        load_dataset("cifar100", data_dir=str(tmp_path))
+
+
+def test_loader_normalises_like_torchvision():
+    from torchvision.transforms import functional as TF
+    from PIL import Image
+
+    b = load_dataset("cifar10-sample")
+    loader = DeviceLoader(b.test, 64, b.mean, b.std, shuffle=False)
+    x, y = next(iter(loader))
+    assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32
+    for i in (0, 5, 63):
+        img = Image.fromarray(b.test.images[i].permute(1, 2, 0).numpy())
+        ref = TF.normalize(TF.to_tensor(img), b.mean, b.std)
+        assert torch.allclose(x[i], ref, atol=1e-5)
+    assert torch.equal(y, b.test.labels[:64])
+    assert len(loader) == -(-1000 // 64)
+    assert sum(len(yy) for _, yy in loader) == 1000
+
+
+def test_loader_shuffles_reproducibly_and_calls_batch_augment():
+    n = 100
+    split = Split(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).clone(), torch.arange(n))
+    calls = []
+
+    def aug(images, gen):
+        calls.append(images.shape[0])
+        assert images.dtype == torch.uint8
+        return 255 - images
+
+    a = DeviceLoader(split, 32, (0, 0, 0), (1 / 255,) * 3, seed=3, augment=aug)
+    labels = torch.cat([y for _, y in a])
+    assert sorted(labels.tolist()) == list(range(n)) and labels.tolist() != list(range(n))
+    assert calls == [32, 32, 32, 4]
+    # the image stays paired with its label through shuffle + augment
+    xs, ys = zip(*a)
+    assert torch.equal(torch.cat(xs)[:, 0, 0, 0], (255 - torch.cat(ys)).float())
+    b = DeviceLoader(split, 32, (0, 0, 0), (1 / 255,) * 3, seed=3)
+    c = DeviceLoader(split, 32, (0, 0, 0), (1 / 255,) * 3, seed=3)
+    first_b = torch.cat([y for _, y in b])
+    state = b.state_dict()
+    second_b = torch.cat([y for _, y in b])
+    torch.cat([y for _, y in c])
+    c.load_state_dict(state)
+    assert torch.equal(torch.cat([y for _, y in c]), second_b)
+    assert not torch.equal(first_b, second_b)
