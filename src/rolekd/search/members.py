@@ -1,0 +1,269 @@
+"""Search members and the local executor.
+
+A :class:`Member` is one trainer of the population (built with :func:`rolekd.train.run.build_job`,
+so it shares the trainer, data pipeline, augmentation and KD objective of ordinary runs) plus the
+policy it trains with. Its randomness is its own: the loader generator lives in its trainer, and the
+process-wide torch RNG state is swapped in and out around every round, so members trained one after
+another in one process draw exactly what they would draw each in a process of its own (the Ray
+executor), and an exploit copies weights and optimizer state but never the random streams.
+
+An *executor* runs the population. Its interface is what the controller needs and nothing more, so
+that a batched executor (several members at once on one GPU) can slot in:
+
+* ``start(configs)`` -- build members ``{index: member config}``;
+* ``train(policies, epochs)`` -- train each member ``{index: policy}`` for ``epochs`` epochs and
+  return ``{index: Outcome}`` (per-epoch rows with ``val_acc``, or the error that stopped it);
+* ``exploit(pairs)`` -- for each ``(source, target)``, copy the source's weights, optimizer and
+  objective state (not its random streams) into the target;
+* ``snapshot(ids)`` / ``restore(index)`` -- remember the current state as the last good one / go
+  back to it (random streams included);
+* ``saved_states(ids)`` / ``load_states(states)`` -- the last good states as CPU tensors (to save to
+  disk) / load saved states (resume);
+* ``close()``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..augment.space import validate_policy
+from ..config import Config
+from ..errors import UserError
+from .pbt import ZERO_POLICY
+
+
+class NonFiniteLoss(RuntimeError):
+    """A member's training loss became NaN or infinite."""
+
+
+def member_seed(search_seed: int, index: int) -> int:
+    """Member ``index``'s training seed, derived from the search seed (independent streams)."""
+    return int(np.random.SeedSequence([int(search_seed), int(index)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def member_config(cfg: Config, index: int) -> Config:
+    """The training config of member ``index`` of the search ``cfg``.
+
+    Reduced split; one run of ``search.epochs`` epochs (the LR schedule spans the search); the
+    member's own seed; no schedule file (the controller sets the policy); no per-step progress bar.
+    Role ``teacher`` trains plainly (KD settings dropped); role ``student`` keeps ``kd`` and ``quant``.
+    """
+    data = cfg.model_dump(mode="json")
+    data["data"]["split"] = "reduced"
+    data["train"]["epochs"] = cfg.search.epochs
+    data["train"]["seed"] = member_seed(cfg.search.seed, index)
+    data["train"]["progress"] = False
+    data["augment"]["schedule"] = None
+    data["augment"]["schedule_epochs"] = None
+    if cfg.search.role == "teacher":
+        data["kd"] = {}
+    return Config.model_validate(data)
+
+
+def clone_state(obj: Any, device: torch.device | str | None = None) -> Any:
+    """A deep copy of a (nested) state whose tensors are cloned (and moved to ``device`` if given)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        return t.to(device, copy=True) if device is not None else t.clone()
+    if isinstance(obj, Mapping):
+        return {k: clone_state(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clone_state(v, device) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(clone_state(v, device) for v in obj)
+    return obj
+
+
+@dataclass
+class Outcome:
+    """What one member's round produced: per-epoch rows, or the error that stopped it."""
+
+    rows: list[dict] = field(default_factory=list)
+    error: str | None = None
+    train_s: float = 0.0
+    eval_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def reward(self) -> float:
+        return float(self.rows[-1]["val_acc"])
+
+
+class Member:
+    """One population member: a trainer built from the member config, its policy and RNG state."""
+
+    def __init__(self, cfg: Config, index: int, share_with: "Member | None" = None):
+        from ..train.run import build_job
+
+        self.index = int(index)
+        self.cfg = cfg
+        self.policy: list[int] = list(ZERO_POLICY)
+        job = build_job(cfg, policy_for_epoch=lambda epoch: self.policy, log_name=f"member{index}")
+        self.trainer = job.trainer
+        if "val" not in self.trainer.eval_loaders:
+            raise UserError("the search needs the reduced split's validation set: data.split=reduced")
+        if share_with is not None:
+            self._share_data(share_with)
+        self.cuda = self.trainer.device.type == "cuda"
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(self.trainer.device) if self.cuda else None
+        self.good: dict | None = None  # last good state (see snapshot/restore)
+
+    def _share_data(self, other: "Member") -> None:
+        """Use ``other``'s device tensors of the (identical) reduced split instead of our own copies."""
+        mine, theirs = self.trainer.train_loader, other.trainer.train_loader
+        if (mine.num_samples != theirs.num_samples or mine.device != theirs.device
+                or not torch.equal(mine.labels, theirs.labels)):
+            return
+        mine.images, mine.labels = theirs.images, theirs.labels
+        self.trainer.eval_loaders = dict(other.trainer.eval_loaders)  # unshuffled, no augmentation: stateless
+
+    # ------------------------------------------------------------------------------ RNG isolation
+    def _enter_rng(self) -> None:
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda and self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.trainer.device)
+
+    def _leave_rng(self) -> None:
+        self.cpu_rng = torch.get_rng_state()
+        if self.cuda:
+            self.cuda_rng = torch.cuda.get_rng_state(self.trainer.device)
+
+    # ------------------------------------------------------------------------------ training
+    def train(self, epochs: int, policy: Sequence[int]) -> Outcome:
+        """Train ``epochs`` epochs with ``policy``; the last epoch (and every ``train.eval_every``-th)
+        is evaluated on the validation split. Raises :class:`NonFiniteLoss` on a NaN/inf loss."""
+        self.policy = validate_policy(policy)
+        out = Outcome()
+        tr = self.trainer
+        val = tr.eval_loaders["val"]
+        every = max(1, int(self.cfg.train.eval_every))
+        self._enter_rng()
+        try:
+            for k in range(int(epochs)):
+                t0 = time.perf_counter()
+                row = tr.train_epoch(progress=False)
+                t1 = time.perf_counter()
+                out.train_s += t1 - t0
+                if row.get("nonfinite") or not math.isfinite(row.get("train_loss", 0.0)):
+                    raise NonFiniteLoss(f"member {self.index}: non-finite training loss in epoch {row['epoch']}")
+                if k == epochs - 1 or tr.epoch % every == 0:
+                    ev = tr.evaluate(val)
+                    row["val_acc"], row["val_loss"] = ev["acc"], ev["loss"]
+                    out.eval_s += time.perf_counter() - t1
+                out.rows.append(row)
+        finally:
+            self._leave_rng()
+        return out
+
+    def evaluate(self, split: str = "test") -> dict:
+        return self.trainer.evaluate(self.trainer.eval_loaders[split])
+
+    # ------------------------------------------------------------------------------ state
+    def state(self, device: torch.device | str | None = None) -> dict:
+        """A deep copy of the trainer state with this member's own RNG states."""
+        s = self.trainer.state_dict()
+        s["cpu_rng"] = self.cpu_rng
+        if self.cuda:
+            s["cuda_rng"] = self.cuda_rng
+        return clone_state(s, device)
+
+    def load_state(self, state: dict, rng: bool = True) -> None:
+        """Load a state (deep-copied first: a loaded optimizer must never alias another member's
+        buffers). ``rng=False`` keeps this member's random streams (an exploit)."""
+        state = clone_state(state)
+        cpu_now = torch.get_rng_state()
+        self.trainer.load_state_dict(state, rng=rng)
+        if rng:
+            self.cpu_rng = state["cpu_rng"].clone()
+            if self.cuda and state.get("cuda_rng") is not None:
+                self.cuda_rng = state["cuda_rng"].clone()
+        torch.set_rng_state(cpu_now)
+
+    def snapshot(self) -> None:
+        self.good = self.state()
+
+    def restore(self) -> None:
+        if self.good is None:
+            raise RuntimeError(f"member {self.index} has no saved state to restore")
+        self.load_state(self.good, rng=True)
+
+
+def run_member(member: Member, epochs: int, policy: Sequence[int]) -> Outcome:
+    """Train one member, turning any failure except bad user input into a failed :class:`Outcome`."""
+    try:
+        return member.train(epochs, policy)
+    except UserError:
+        raise
+    except Exception as e:  # a member's failure must not stop the search
+        return Outcome(error=f"{type(e).__name__}: {e}")
+
+
+class LocalExecutor:
+    """All members on this machine's device, in this process, trained one after another."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.members: dict[int, Member] = {}
+
+    def start(self, configs: Mapping[int, Config]) -> None:
+        first = None
+        for i, c in configs.items():
+            m = Member(c, i, share_with=first)
+            first = first or m
+            self.members[int(i)] = m
+
+    @property
+    def device(self) -> str:
+        m = next(iter(self.members.values()), None)
+        return str(m.trainer.device) if m is not None else "?"
+
+    def train(self, policies: Mapping[int, Sequence[int]], epochs: int) -> dict[int, Outcome]:
+        return {int(i): run_member(self.members[int(i)], epochs, pol) for i, pol in policies.items()}
+
+    def exploit(self, pairs: Sequence[tuple[int, int]]) -> None:
+        states: dict[int, dict] = {}
+        for src, dst in pairs:
+            if src not in states:
+                states[src] = self.members[src].state()
+            self.members[dst].load_state(states[src], rng=False)
+
+    def snapshot(self, ids: Sequence[int] | None = None) -> None:
+        for i in (self.members if ids is None else ids):
+            self.members[i].snapshot()
+
+    def restore(self, index: int) -> None:
+        self.members[index].restore()
+
+    def saved_states(self, ids: Sequence[int] | None = None) -> dict[int, dict]:
+        out = {}
+        for i in (self.members if ids is None else ids):
+            m = self.members[i]
+            out[i] = clone_state(m.good if m.good is not None else m.state(), "cpu")
+        return out
+
+    def load_states(self, states: Mapping[int, dict]) -> None:
+        for i, s in states.items():
+            self.members[int(i)].load_state(s, rng=True)
+        self.snapshot(list(states))
+
+    def evaluate(self, index: int, split: str = "test") -> dict:
+        m = self.members[index]
+        m._enter_rng()
+        try:
+            return m.evaluate(split)
+        finally:
+            m._leave_rng()
+
+    def close(self) -> None:
+        self.members.clear()

@@ -1,0 +1,229 @@
+"""The Ray executor: one Ray actor per member, driven by the same controller as the local executor.
+
+Each actor builds its :class:`~rolekd.search.members.Member` from the member config inside its own
+process (its own data, device and RNG), on the resources ``search.ray_num_cpus`` /
+``search.ray_num_gpus`` (fractions allowed, e.g. 0.25 GPU = four members per GPU). Members of a
+round train concurrently. Weights move through Ray's object store: an exploit passes the ObjectRef
+of the top member's ``get_state`` to the bottom member's ``set_state``, and the last good state of
+every member is kept as a driver-owned ObjectRef, so a member whose actor died is rebuilt and
+restored from it. Ray Core only; ``search.ray_address`` None starts a local Ray instance (shut down
+again at the end) unless Ray is already initialised in this process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+from ..config import Config
+from ..errors import UserError
+from .members import Outcome
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError("search.executor=ray needs Ray: pip install 'ray>=2.9' (or use search.executor=local)") \
+            from None
+    return ray
+
+
+_ACTOR_CLASS = None
+
+
+def _actor_class(ray):
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is not None:
+        return _ACTOR_CLASS
+
+    class MemberActor:
+        """A member living in a Ray worker process."""
+
+        def __init__(self, cfg_data: dict, index: int, threads: int | None):
+            import torch
+
+            if threads:
+                torch.set_num_threads(int(threads))
+            from .members import Member
+
+            self.member = Member(Config.model_validate(cfg_data), index)
+
+        def device(self) -> str:
+            return str(self.member.trainer.device)
+
+        def train(self, epochs: int, policy: Sequence[int]) -> Outcome:
+            from .members import run_member
+
+            return run_member(self.member, epochs, policy)
+
+        def get_state(self) -> dict:
+            return self.member.state("cpu")
+
+        def set_state(self, state: dict, rng: bool) -> bool:
+            self.member.load_state(state, rng=rng)
+            return True
+
+        def evaluate(self, split: str) -> dict:
+            self.member._enter_rng()
+            try:
+                return self.member.evaluate(split)
+            finally:
+                self.member._leave_rng()
+
+    _ACTOR_CLASS = ray.remote(MemberActor)
+    return _ACTOR_CLASS
+
+
+class RayExecutor:
+    """Members as Ray actors (see the module docstring)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 threads: int | None = None, init_kwargs: Mapping[str, Any] | None = None):
+        self.ray = import_ray()
+        self.address = address
+        self.num_cpus = float(num_cpus)
+        self.num_gpus = float(num_gpus)
+        self.threads = threads if threads is not None else max(1, int(math.floor(self.num_cpus)))
+        self.init_kwargs = dict(init_kwargs or {})
+        self.started_ray = False
+        self.actors: dict[int, Any] = {}
+        self.configs: dict[int, dict] = {}
+        self.good: dict[int, Any] = {}  # index -> ObjectRef of the last good state
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "RayExecutor":
+        s = cfg.search
+        return cls(s.ray_address, s.ray_num_cpus, s.ray_num_gpus)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def _init_ray(self) -> None:
+        ray = self.ray
+        if ray.is_initialized():
+            return
+        kw = {"include_dashboard": False, "log_to_driver": True}
+        kw.update(self.init_kwargs)
+        # workers must import rolekd the way this process does (e.g. PYTHONPATH=src in a checkout)
+        import rolekd
+
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(rolekd.__file__)))
+        path = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
+        os.environ["PYTHONPATH"] = path  # inherited by a local instance's workers
+        if self.address:
+            ray.init(address=self.address, runtime_env={"env_vars": {"PYTHONPATH": path}}, **kw)
+        else:
+            import torch
+
+            kw.setdefault("num_cpus", os.cpu_count() or 1)
+            kw.setdefault("num_gpus", torch.cuda.device_count())
+            ray.init(**kw)
+        self.started_ray = True
+
+    def _check_resources(self, n: int) -> None:
+        res = self.ray.cluster_resources()
+        cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        need_c, need_g = n * self.num_cpus, n * self.num_gpus
+        if need_c > cpus + 1e-9 or need_g > gpus + 1e-9:
+            raise UserError(
+                f"the Ray cluster has {cpus:g} CPUs / {gpus:g} GPUs but {n} members x (search.ray_num_cpus="
+                f"{self.num_cpus:g}, search.ray_num_gpus={self.num_gpus:g}) need {need_c:g} / {need_g:g}; "
+                f"every member is a live actor: lower the per-member resources (fractions are allowed) "
+                f"or the population")
+
+    def _make_actor(self, index: int):
+        cls = _actor_class(self.ray)
+        return cls.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0).remote(
+            self.configs[index], index, self.threads)
+
+    def start(self, configs: Mapping[int, Config]) -> None:
+        self._init_ray()
+        self._check_resources(len(configs))
+        self.configs = {int(i): c.model_dump(mode="json") for i, c in configs.items()}
+        self.actors = {i: self._make_actor(i) for i in self.configs}
+        self._get([a.device.remote() for a in self.actors.values()])  # surface build errors now
+
+    def _get(self, refs):
+        ray = self.ray
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, UserError):
+                raise UserError(str(cause)) from None
+            raise
+
+    @property
+    def device(self) -> str:
+        if not self.actors:
+            return "?"
+        return self._get(next(iter(self.actors.values())).device.remote())
+
+    def close(self) -> None:
+        for a in self.actors.values():
+            try:
+                self.ray.kill(a)
+            except Exception:
+                pass
+        self.actors.clear()
+        self.good.clear()
+        if self.started_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+        self.started_ray = False
+
+    # ------------------------------------------------------------------------------ executor API
+    def train(self, policies: Mapping[int, Sequence[int]], epochs: int) -> dict[int, Outcome]:
+        refs = {int(i): self.actors[int(i)].train.remote(int(epochs), list(p)) for i, p in policies.items()}
+        out = {}
+        for i, ref in refs.items():
+            try:
+                out[i] = self._get(ref)
+            except UserError:
+                raise
+            except Exception as e:  # actor died, task error outside the member's own handling
+                out[i] = Outcome(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return out
+
+    def exploit(self, pairs: Sequence[tuple[int, int]]) -> None:
+        states: dict[int, Any] = {}
+        done = []
+        for src, dst in pairs:
+            if src not in states:
+                states[src] = self.actors[src].get_state.remote()
+            done.append(self.actors[dst].set_state.remote(states[src], False))
+        self._get(done)
+
+    def snapshot(self, ids: Sequence[int] | None = None) -> None:
+        for i in (self.actors if ids is None else ids):
+            self.good[i] = self.actors[i].get_state.remote()  # actor calls run in submission order
+
+    def restore(self, index: int) -> None:
+        if index not in self.good:
+            raise RuntimeError(f"member {index} has no saved state to restore")
+        try:
+            self._get(self.actors[index].set_state.remote(self.good[index], True))
+        except UserError:
+            raise
+        except Exception:  # the actor is gone: rebuild it, then restore
+            try:
+                self.ray.kill(self.actors[index])
+            except Exception:
+                pass
+            self.actors[index] = self._make_actor(index)
+            self._get(self.actors[index].set_state.remote(self.good[index], True))
+
+    def saved_states(self, ids: Sequence[int] | None = None) -> dict[int, dict]:
+        ids = list(self.actors if ids is None else ids)
+        missing = [i for i in ids if i not in self.good]
+        if missing:
+            self.snapshot(missing)
+        return dict(zip(ids, self._get([self.good[i] for i in ids])))
+
+    def load_states(self, states: Mapping[int, dict]) -> None:
+        self._get([self.actors[int(i)].set_state.remote(s, True) for i, s in states.items()])
+        self.snapshot([int(i) for i in states])
+
+    def evaluate(self, index: int, split: str = "test") -> dict:
+        return self._get(self.actors[index].evaluate.remote(split))

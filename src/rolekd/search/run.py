@@ -1,0 +1,389 @@
+"""``rolekd search``: a PBA search, from a config to a finished run directory.
+
+The run directory (``cfg.run_dir()``) holds, when the search has finished:
+
+* ``schedule.json`` -- the best member's lineage as a :class:`~rolekd.augment.schedule.Schedule`
+  over ``search.epochs`` epochs (``rolekd train ... schedule=RUN/schedule.json`` trains with it);
+* ``pbt_policy_<member>.txt`` (one per member; empty when never exploited) and ``pbt_global.txt`` --
+  Ray Tune PBT logs, which PBA's ``parse_log_schedule`` and ``Schedule.load(file, epochs=...)`` read;
+  the best member's file gives back ``schedule.json``;
+* ``rewards.csv`` -- ``epoch`` (epochs trained, 1-based), ``member``, ``val_acc`` (empty in epochs
+  not evaluated), ``val_loss``, ``train_loss``, ``train_acc``, ``policy`` (the epoch's policy as 60
+  characters, ``a`` = 10);
+* ``events.jsonl`` -- exploits, member failures, retries, replacements, resumptions;
+* ``search.json`` -- the summary (best member and reward, its test accuracy, exploit count, timings);
+* ``rewards.png`` and ``schedule.png``; ``best_model.safetensors`` (the best member's weights);
+* ``config.yaml``.
+
+While it runs, ``search_state/`` holds the state at the last perturbation (controller JSON incl. its
+random generator, and every member's full trainer state as weights-only-loadable ``torch.save``
+files); rerunning the same command resumes from there and ends with the same result as an
+uninterrupted run. It is deleted when the search has finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+from ..config import Config
+from ..errors import UserError
+from .members import LocalExecutor, Outcome, member_config
+from .pbt import PBTController, policy_string
+
+STATE_DIR = "search_state"
+STATE_VERSION = 1
+REWARD_FIELDS = ["epoch", "member", "val_acc", "val_loss", "train_loss", "train_acc", "policy"]
+
+RoundHook = Callable[[dict], None]
+
+
+def make_executor(cfg: Config):
+    if cfg.search.executor == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor.from_config(cfg)
+    return LocalExecutor()
+
+
+def search_config(cfg: Config) -> Config:
+    """The config a search runs with: ``data.split=reduced``; role ``student`` checked."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.split = "reduced"
+    if cfg.search.role == "student":
+        if not cfg.kd.teacher:
+            raise UserError("search role=student needs the frozen teacher: pass teacher=RUN_DIR (a finished "
+                            "teacher run) or teacher=FILE.safetensors")
+        if not cfg.kd.method:
+            raise UserError("search role=student needs a KD method: pass method=soft|dml|rkd|kdsvd|mhgd|iikd")
+    return cfg
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Search:
+    """One PBA search in ``run_dir`` (see :func:`search_from_config`)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, executor=None, on_round: RoundHook | None = None,
+                 verbose: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.executor = executor
+        self.on_round = on_round
+        self.verbose = verbose
+        s = cfg.search
+        self.ctrl = PBTController(s.population, s.quantile, s.resample_prob, s.seed)
+        self.epoch = 0
+        self.round = 0
+        self.reward_rows: list[dict] = []
+        self.events: list[dict] = []
+        self.times = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "round_wall_s": 0.0, "controller_s": 0.0,
+                      "save_s": 0.0, "final_s": 0.0, "wall_s": 0.0}
+        self._t0 = time.perf_counter()
+        self._wall_base = 0.0  # wall time of earlier (interrupted) runs of this search
+
+    # ------------------------------------------------------------------------------ logging
+    def _event(self, event: str, **kw) -> None:
+        e = {"event": event, "epoch": self.epoch, "round": self.round, **kw}
+        self.events.append(e)
+        with open(self.run_dir / "events.jsonl", "a") as f:
+            f.write(json.dumps(e) + "\n")
+
+    def _say(self, msg: str) -> None:
+        if self.verbose:
+            print(msg, flush=True)
+
+    def write_logs(self) -> None:
+        """(Re)write every log from the in-memory state (so a resumed search drops later lines)."""
+        rd = self.run_dir
+        for i, lines in enumerate(self.ctrl.member_logs):
+            _write_atomic(rd / f"pbt_policy_{i}.txt", "".join(l + "\n" for l in lines))
+        _write_atomic(rd / "pbt_global.txt", "".join(l + "\n" for l in self.ctrl.global_log))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=REWARD_FIELDS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.reward_rows)
+        _write_atomic(rd / "rewards.csv", buf.getvalue())
+        _write_atomic(rd / "events.jsonl", "".join(json.dumps(e) + "\n" for e in self.events))
+
+    # ------------------------------------------------------------------------------ state
+    def save_state(self) -> None:
+        from ..train.checkpoint import save_state
+
+        t0 = time.perf_counter()
+        root = self.run_dir / STATE_DIR
+        name = f"epoch_{self.epoch:05d}"
+        d = root / name
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        for i, st in self.executor.saved_states().items():
+            save_state(st, d / f"member_{i}.pt")
+        meta = {"version": STATE_VERSION, "epoch": self.epoch, "round": self.round,
+                "controller": self.ctrl.state_dict(), "rewards": self.reward_rows, "events": self.events,
+                "times": self.times}
+        _write_atomic(d / "controller.json", json.dumps(meta))
+        _write_atomic(root / "LATEST", name)
+        for old in root.iterdir():
+            if old.is_dir() and old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        self.times["save_s"] += time.perf_counter() - t0
+
+    def load_saved(self) -> dict | None:
+        """The saved state's metadata and member states, or None when there is nothing to resume."""
+        from ..train.checkpoint import load_state
+
+        root = self.run_dir / STATE_DIR
+        latest = root / "LATEST"
+        if not latest.is_file():
+            return None
+        d = root / latest.read_text().strip()
+        try:
+            meta = json.loads((d / "controller.json").read_text())
+        except (OSError, ValueError):
+            raise UserError(f"search state {d} is unreadable; delete {root} to start the search again") from None
+        if meta.get("version") != STATE_VERSION:
+            raise UserError(f"search state {d} was written by another rolekd version; delete {root} to restart")
+        states = {i: load_state(d / f"member_{i}.pt") for i in range(self.cfg.search.population)}
+        return {"meta": meta, "states": states}
+
+    # ------------------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        t_start = self._t0 = time.perf_counter()
+        cfg, s = self.cfg, self.cfg.search
+        own_executor = self.executor is None
+        if own_executor:
+            self.executor = make_executor(cfg)
+        ex = self.executor
+        try:
+            saved = self.load_saved()
+            self.executor.start({i: member_config(cfg, i) for i in range(s.population)})
+            if saved is not None:
+                meta = saved["meta"]
+                self.ctrl.load_state_dict(meta["controller"])
+                self.epoch, self.round = int(meta["epoch"]), int(meta["round"])
+                self.reward_rows, self.events = list(meta["rewards"]), list(meta["events"])
+                self.times.update(meta["times"])
+                self._wall_base = self.times["wall_s"]
+                ex.load_states(saved["states"])
+                self.write_logs()
+                self._event("resumed")
+                self._say(f"[search] {self.run_dir}: resumed after epoch {self.epoch}/{s.epochs}")
+            else:
+                ex.snapshot()
+                self.write_logs()
+            self.times["setup_s"] += time.perf_counter() - t_start
+            while self.epoch < s.epochs:
+                self._round()
+            summary = self._finish()
+        finally:
+            if own_executor:
+                ex.close()
+        return summary
+
+    def _train(self, policies: Mapping[int, list[int]], k: int) -> dict[int, Outcome]:
+        t0 = time.perf_counter()
+        out = self.executor.train(policies, k)
+        self.times["round_wall_s"] += time.perf_counter() - t0
+        for o in out.values():
+            self.times["train_s"] += o.train_s
+            self.times["eval_s"] += o.eval_s
+        return out
+
+    def _round(self) -> None:
+        s = self.cfg.search
+        ctrl, ex = self.ctrl, self.executor
+        t_round = time.perf_counter()
+        k = min(s.perturb_interval, s.epochs - self.epoch)
+        outcomes = self._train({i: list(ctrl.policies[i]) for i in range(s.population)}, k)
+        t_ctl = time.perf_counter()
+        retry = sorted(i for i, o in outcomes.items() if not o.ok)
+        for i in retry:
+            self._event("member_error", member=i, error=outcomes[i].error, action="restore and retry")
+            ex.restore(i)
+        failed = []
+        if retry:
+            self.times["controller_s"] += time.perf_counter() - t_ctl
+            again = self._train({i: list(ctrl.policies[i]) for i in retry}, k)
+            t_ctl = time.perf_counter()
+            for i in retry:
+                if again[i].ok:
+                    outcomes[i] = again[i]
+                    self._event("member_retry_ok", member=i)
+                else:
+                    failed.append(i)
+                    self._event("member_failed", member=i, error=again[i].error,
+                                action="replace by a top member" if self.epoch + k < s.epochs else "excluded")
+                    ex.restore(i)
+        for i in sorted(outcomes):
+            o = outcomes[i]
+            if not o.ok:
+                continue
+            pol = policy_string(ctrl.policies[i])
+            for row in o.rows:
+                self.reward_rows.append({
+                    "epoch": int(row["epoch"]) + 1, "member": i, "val_acc": row.get("val_acc", ""),
+                    "val_loss": row.get("val_loss", ""), "train_loss": row.get("train_loss", ""),
+                    "train_acc": row.get("train_acc", ""), "policy": pol})
+            ctrl.record(i, k, o.reward)
+        for i in failed:
+            ctrl.invalidate(i)
+        self.epoch += k
+        self.round += 1
+        valid = [r for r in ctrl.rewards if r is not None]
+        if not valid:
+            self.write_logs()
+            raise RuntimeError(f"every member of the population failed in the round ending at epoch {self.epoch}; "
+                               f"see {self.run_dir / 'events.jsonl'}")
+        best, median = max(valid), statistics.median(valid)
+        if self.epoch < s.epochs:
+            steps = ctrl.perturb(self.epoch, failed)
+            ex.exploit([(st.clone, st.target) for st in steps])
+            for st in steps:
+                if st.reason == "replace":
+                    self._event("member_replaced", member=st.target, clone=st.clone)
+            ex.snapshot()
+            self.write_logs()
+            self.times["controller_s"] += time.perf_counter() - t_ctl
+            self.times["wall_s"] = self._wall()
+            self.save_state()
+        else:
+            self.write_logs()
+            self.times["controller_s"] += time.perf_counter() - t_ctl
+        n_exploits = sum(1 for e in ctrl.exploits if e.reason == "exploit")
+        self._say(f"[search] epoch {self.epoch}/{s.epochs}  best {best:.4f}  median {median:.4f}  "
+                  f"exploits {n_exploits}  ({time.perf_counter() - t_round:.1f}s)")
+        if self.on_round is not None:
+            self.on_round({"search": self, "round": self.round, "epoch": self.epoch})
+
+    def _wall(self) -> float:
+        return self._wall_base + time.perf_counter() - self._t0
+
+    def _finish(self) -> dict:
+        from ..augment.schedule import Schedule
+
+        t_final = time.perf_counter()
+        cfg, s, ctrl = self.cfg, self.cfg.search, self.ctrl
+        best = ctrl.best()
+        rd = self.run_dir
+        sched = Schedule(ctrl.history[best], source=str(rd / f"pbt_policy_{best}.txt"),
+                         meta={"from": "rolekd-search", "role": s.role, "member": best, "epochs": s.epochs,
+                               "population": s.population, "seed": s.seed})
+        sched.save(rd / "schedule.json")
+        t_test = time.perf_counter()
+        test = self.executor.evaluate(best, "test")
+        t_test = time.perf_counter() - t_test
+        self.times["eval_s"] += t_test  # an evaluation step, not output overhead
+        self.executor.snapshot([best])
+        best_state = self.executor.saved_states([best])[best]
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in best_state["model"].items()}, str(rd / "best_model.safetensors"),
+                  metadata={"model": cfg.model.name, "member": str(best)})
+        self._plots(best, sched)
+        t = self.times
+        t["final_s"] += time.perf_counter() - t_final - t_test
+        t["wall_s"] = self._wall()
+        wall = max(t["wall_s"], 1e-9)
+        summary = {
+            "name": cfg.name, "role": s.role, "model": cfg.model.name, "dataset": cfg.data.name,
+            "population": s.population, "epochs": s.epochs, "perturb_interval": s.perturb_interval,
+            "seed": s.seed, "executor": getattr(self.executor, "name", type(self.executor).__name__),
+            "device": self.executor.device,
+            "best_member": best, "best_val_acc": ctrl.rewards[best], "best_test_acc": test["acc"],
+            "final_val_acc": {str(i): r for i, r in enumerate(ctrl.rewards)},
+            "exploits": sum(1 for e in ctrl.exploits if e.reason == "exploit"),
+            "replacements": sum(1 for e in ctrl.exploits if e.reason == "replace"),
+            "member_errors": sum(1 for e in self.events if e["event"] == "member_error"),
+            "schedule": "schedule.json", "best_log": f"pbt_policy_{best}.txt",
+            "wall_time_s": round(wall, 3), "setup_s": round(t["setup_s"], 3),
+            "train_s": round(t["train_s"], 3), "eval_s": round(t["eval_s"], 3),
+            "round_wall_s": round(t["round_wall_s"], 3), "controller_s": round(t["controller_s"], 3),
+            "state_save_s": round(t["save_s"], 3), "final_s": round(t["final_s"], 3),
+            # time outside the training rounds (setup, controller, state saving, final outputs)
+            "overhead_frac": round((wall - t["round_wall_s"]) / wall, 5),
+            # the PBT controller alone: ranking, exploit copies, snapshots, logs, state saving
+            "controller_frac": round((t["controller_s"] + t["save_s"]) / wall, 5),
+        }
+        _write_atomic(rd / "search.json", json.dumps(summary, indent=2))
+        shutil.rmtree(rd / STATE_DIR, ignore_errors=True)
+        self._say(f"[search] {rd}: best member {best} val acc {summary['best_val_acc']:.4f} test acc "
+                  f"{test['acc']:.4f}; {summary['exploits']} exploits; {wall:.1f}s "
+                  f"(outside training {100 * summary['overhead_frac']:.1f}%, controller {100 * summary['controller_frac']:.1f}%)")
+        return summary
+
+    def _plots(self, best: int, sched) -> None:
+        try:
+            plot_rewards(self.reward_rows, self.cfg.search.population, best, self.run_dir / "rewards.png",
+                         title=f"{self.cfg.name}: PBA search ({self.cfg.search.role})")
+        except ImportError:
+            pass
+        try:
+            from ..augment.plot import plot_schedule
+
+            plot_schedule(sched, self.run_dir / "schedule.png",
+                          title=f"{self.cfg.name}: searched schedule ({self.cfg.search.role}, member {best})")
+        except ImportError:
+            pass
+
+
+def plot_rewards(rows: list[dict], population: int, best: int, path: Path, title: str | None = None) -> None:
+    """Every member's validation accuracy over epochs, the best member highlighted."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i in range(population):
+        pts = [(r["epoch"], r["val_acc"]) for r in rows if r["member"] == i and r["val_acc"] != ""]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        if i == best:
+            ax.plot(xs, ys, color="tab:red", lw=2.2, marker="o", ms=3, label=f"member {i} (best)", zorder=3)
+        else:
+            ax.plot(xs, ys, color="0.6", lw=0.9, alpha=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def search_from_config(cfg: Config, run_dir: Path | None = None, executor=None,
+                       on_round: RoundHook | None = None, verbose: bool = True) -> dict:
+    """Run (or resume, or report) the PBA search described by ``cfg``; returns ``search.json``'s content.
+
+    ``executor`` replaces the one ``search.executor`` names (e.g. a shared or instrumented one);
+    ``on_round(info)`` is called after every round, once its state is saved (``info``: ``search``,
+    ``round``, ``epoch``).
+    """
+    from ..train.run import prepare_run_dir
+
+    cfg = search_config(cfg)
+    run_dir = prepare_run_dir(cfg, run_dir)
+    done = run_dir / "search.json"
+    if done.is_file():
+        summary = json.loads(done.read_text())
+        if verbose:
+            print(f"{run_dir}: search already finished (best member {summary.get('best_member')}, val acc "
+                  f"{summary.get('best_val_acc', float('nan')):.4f}); nothing to do", flush=True)
+        return summary
+    return Search(cfg, run_dir, executor, on_round, verbose).run()
