@@ -1,0 +1,85 @@
+"""KD-SVD (Lee, Kim, Song, "Self-supervised Knowledge Distillation Using Singular Value Decomposition",
+ECCV 2018), after the authors' TensorFlow code (``sseung0703/KD_methods_with_TF``,
+``nets/Distillation.py::KD_SVD`` and ``nets/SVP.py``; ``sseung0703/Knowledge_distillation_via_TF2.0``,
+``distiller/KDSVD.py``). Read for the definitions; the code here is our own.
+
+Per tapped feature map (shallow to deep), each sample's ``(HW x C)`` matrix is compressed into its
+top-``k`` right singular vectors (``k = 1`` as upstream's last version; the student offers ``k + 3``
+candidates, aligned to the teacher's vectors by ``|cosine|`` and sign, see :mod:`rolekd.distill.svd`).
+Both sets are scaled by the teacher's l2-normalised top-``k`` singular values (1 when ``k = 1``). The
+knowledge is the radial-basis relation between consecutive taps' vectors,
+``G[d, d', j] = exp(-(v_l[d, j] - v_{l-1}[d', j])^2 / sigma)`` with ``sigma = 8``, and the loss is the
+squared difference of the student's and the teacher's ``G``, summed over ``(d, d', j)`` and over tap
+pairs. Upstream also sums over the batch; we average over it, so λ does not depend on the batch size.
+Maps of different spatial size need no resizing: the vectors live in the channel space.
+
+Upstream trains with the KD gradient clipped per variable to the norm of the task gradient times
+``sigmoid(epoch - 0)`` (``op_util.Optimizer_w_Distillation``); that rule lives in
+:class:`~rolekd.distill.objective.KDObjective` (``clip_kd_grad``, ``clip_e0 = 0``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from .base import Distiller, register
+from .svd import SingularPair, singular_pairs
+
+
+def rbf_relation(v: torch.Tensor, v_prev: torch.Tensor, sigma: float = 8.0) -> torch.Tensor:
+    """``exp(-(v[:, d, j] - v_prev[:, d', j])^2 / sigma)``: (B, C, k), (B, C', k) -> (B, C, C', k)."""
+    return torch.exp(-(v.unsqueeze(2) - v_prev.unsqueeze(1)).square() / sigma)
+
+
+def kdsvd_loss_from_pairs(pairs: list[SingularPair], sigma: float = 8.0) -> torch.Tensor:
+    """KD-SVD loss from per-tap aligned singular vectors (see the module docstring)."""
+    if len(pairs) < 2:
+        raise UserError("kdsvd needs at least two feature taps (it relates consecutive layers)")
+    loss = pairs[0].student.new_zeros(())
+    prev = None
+    for p in pairs:
+        scale = p.teacher_sigma.unsqueeze(1)  # (B, 1, k)
+        v_s, v_t = p.student * scale, p.teacher * scale
+        if prev is not None:
+            g_s = rbf_relation(v_s, prev[0], sigma)
+            with torch.no_grad():
+                g_t = rbf_relation(v_t, prev[1], sigma)
+            loss = loss + (g_s - g_t).square().flatten(1).sum(1).mean()
+        prev = (v_s, v_t)
+    return loss
+
+
+def kdsvd_loss(student_features: dict[str, torch.Tensor], teacher_features: dict[str, torch.Tensor], k: int = 1,
+               candidates: int | None = None, sigma: float = 8.0, eps: float = 1e-4) -> torch.Tensor:
+    """KD-SVD loss of two ``{tap: (B, C, H, W)}`` dicts (teacher order; ``candidates`` defaults to ``k + 3``)."""
+    pairs = singular_pairs(student_features, teacher_features, k, k + 3 if candidates is None else candidates, eps,
+                           method="kdsvd")
+    return kdsvd_loss_from_pairs(pairs, sigma)
+
+
+@register("kdsvd")
+class KDSVD(Distiller):
+    """KD-SVD on the models' feature taps."""
+
+    needs_features = True
+
+    def __init__(self, k: int = 1, candidates: int | None = None, sigma: float = 8.0, eps: float = 1e-4):
+        super().__init__()
+        self.k = int(k)
+        self.candidates = self.k + 3 if candidates is None else int(candidates)
+        if self.k < 1 or self.candidates < self.k:
+            raise UserError(f"kdsvd: need 1 <= k <= candidates, got k={k}, candidates={candidates}")
+        self.sigma, self.eps = float(sigma), float(eps)
+
+    def pairs(self, student, teacher) -> list[SingularPair]:
+        return singular_pairs(student.features, teacher.features, self.k, self.candidates, self.eps, method="kdsvd")
+
+    def loss_from_pairs(self, pairs: list[SingularPair]) -> torch.Tensor:
+        return kdsvd_loss_from_pairs(pairs, self.sigma)
+
+    def forward(self, student, teacher, labels):
+        return self.loss_from_pairs(self.pairs(student, teacher))
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, candidates={self.candidates}, sigma={self.sigma}"

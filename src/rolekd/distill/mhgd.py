@@ -1,0 +1,256 @@
+"""Multi-head graph distillation (Lee & Song, "Graph-based Knowledge Distillation by Multi-head
+Attention Network", BMVC 2019), after the authors' TensorFlow code (``sseung0703/KD_methods_with_TF``:
+``nets/Relation.py::MHGD`` with ``op_util.Optimizer_w_MHGD``; ``sseung0703/Knowledge_distillation_via_TF2.0``:
+``nets/Relation.py::MHGD``). Read for the definitions; the code here is our own.
+
+Knowledge: per tap, the top right singular vector of each sample's ``(HW x C)`` feature matrix (teacher
+top-1 with a canonical sign; the student's best match among its top-4, aligned, as in KD-SVD, see
+:mod:`rolekd.distill.svd`). For each pair of consecutive taps ``(l-1, l)`` an attention network maps
+the batch's vectors to ``H = 8`` graphs over the *samples* of the batch::
+
+    K = BN(W_k v_l)   reshaped (B, D, H),   Q = BN(W_q v_{l-1})   reshaped (B, D, H),   D = (C_l + C_{l-1}) // 2
+    G[h] = K[:, :, h] @ Q[:, :, h]^T          # (B, B) per head, no scaling
+
+The KD loss is ``KL(softmax(tanh G_S) || softmax(tanh G_T))`` over each graph row, summed over heads and
+rows' entries and tap pairs; upstream also sums over the rows, we average over them (the batch).
+
+The attention network is trained first, on the frozen teacher only (upstream: 40 "init" epochs of SGD
+with momentum 0.9, Nesterov, LR 0.1 and weight decay 5e-4, before the student's KD training): an
+estimator predicts ``v_l`` from ``v_{l-1}`` through the graphs,
+``normalize(W_o [softmax(G) * head_dropout] @ ReLU(BN(W_e v_{l-1})))``, and the loss is
+``mean(1 - <estimate, v_l>)``. Upstream feeds the estimator ``softmax(G)`` and the KD loss
+``softmax(tanh G)``; we keep both. :meth:`MHGD.prepare` does that training (``prepare_epochs`` epochs
+over the batches given) and then freezes the network (eval-mode BatchNorm, no gradients), so during KD
+only the student learns. Note: the role-wise KD authors' released code reportedly never runs this
+training phase (their attention network stays at its random initialisation); we train it as the MHGD
+paper and its code do.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..models.taps import FeatureTaps
+from .base import Distiller, register
+from .svd import SingularPair, canonical_sign, feature_matrix, singular_pairs, top_right_singular
+
+
+class GraphAttention(nn.Module):
+    """The multi-head attention between two consecutive taps (plus the estimator used to train it)."""
+
+    def __init__(self, c_cur: int, c_prev: int, heads: int = 8):
+        super().__init__()
+        self.heads = int(heads)
+        self.dim = d = (int(c_cur) + int(c_prev)) // 2
+        self.key = nn.Sequential(nn.Linear(c_cur, d * heads, bias=False), nn.BatchNorm1d(d * heads))
+        self.query = nn.Sequential(nn.Linear(c_prev, d * heads, bias=False), nn.BatchNorm1d(d * heads))
+        self.est_in = nn.Sequential(nn.Linear(c_prev, d, bias=False), nn.BatchNorm1d(d), nn.ReLU())
+        self.est_out = nn.Linear(d * heads, c_cur)
+
+    def graph(self, v_cur: torch.Tensor, v_prev: torch.Tensor) -> torch.Tensor:
+        """Raw attention logits ``(H, B, B)`` from vectors ``(B, C_l)`` and ``(B, C_{l-1})``."""
+        b = v_cur.shape[0]
+        k = self.key(v_cur).view(b, self.dim, self.heads).permute(2, 0, 1)  # (H, B, D)
+        q = self.query(v_prev).view(b, self.dim, self.heads).permute(2, 1, 0)  # (H, D, B)
+        return k @ q
+
+    def estimate(self, v_prev: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Estimate ``v_l`` (B, C_l), unit norm, from ``v_{l-1}`` and the raw graphs ``g`` (H, B, B)."""
+        h, b, _ = g.shape
+        a = torch.softmax(g, dim=-1)
+        noise = torch.randn(h, b, 1, device=g.device, dtype=g.dtype)  # random head dropout per sample
+        a = a * (noise - noise.mean(0, keepdim=True) > 0).to(a.dtype)
+        x = self.est_in(v_prev)  # (B, D)
+        x = (a @ x).permute(1, 0, 2).reshape(b, h * self.dim)  # (B, H*D)
+        return F.normalize(self.est_out(x), dim=-1)
+
+
+def graph_kl(g_s: torch.Tensor, g_t: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(tanh g_s) || softmax(tanh g_t))`` per graph row, summed over heads, mean over rows."""
+    log_p_s = F.log_softmax(torch.tanh(g_s), dim=-1)
+    log_p_t = F.log_softmax(torch.tanh(g_t), dim=-1)
+    return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1).sum(0).mean()
+
+
+@register("mhgd")
+class MHGD(Distiller):
+    """Multi-head graph distillation; call :meth:`prepare` on the teacher before KD training."""
+
+    needs_features = True
+    needs_prepare = True
+
+    def __init__(self, heads: int = 8, candidates: int = 4, prepare_epochs: int = 40, prepare_lr: float = 0.1,
+                 prepare_momentum: float = 0.9, prepare_weight_decay: float = 5e-4, eps: float = 1e-4):
+        super().__init__()
+        if heads < 1 or candidates < 1 or prepare_epochs < 0:
+            raise UserError(f"mhgd: need heads >= 1, candidates >= 1, prepare_epochs >= 0 "
+                            f"(got {heads}, {candidates}, {prepare_epochs})")
+        self.num_heads = int(heads)
+        self.candidates = int(candidates)
+        self.prepare_epochs = int(prepare_epochs)
+        self.prepare_lr = float(prepare_lr)
+        self.prepare_momentum = float(prepare_momentum)
+        self.prepare_weight_decay = float(prepare_weight_decay)
+        self.eps = float(eps)
+        self.attention = nn.ModuleList()  # one GraphAttention per consecutive tap pair, built on first use
+        self.register_buffer("channels", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("prepared", torch.zeros((), dtype=torch.bool))
+        self.prepare_history: list[float] = []  # mean estimator loss per prepare epoch
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def built(self) -> bool:
+        return len(self.attention) > 0
+
+    @property
+    def is_prepared(self) -> bool:
+        return bool(self.prepared)
+
+    def build(self, channels: list[int]) -> None:
+        """Create the attention networks for taps of these channel counts (shallow to deep)."""
+        channels = [int(c) for c in channels]
+        if len(channels) < 2:
+            raise UserError("mhgd needs at least two feature taps (it relates consecutive layers)")
+        device = self.prepared.device
+        self.attention = nn.ModuleList(
+            GraphAttention(c, cp, self.num_heads) for cp, c in zip(channels[:-1], channels[1:])).to(device)
+        self.channels = torch.tensor(channels, dtype=torch.long, device=device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ch = state_dict.get(prefix + "channels")
+        if ch is not None and ch.numel() and (not self.built or ch.tolist() != self.channels.tolist()):
+            self.build(ch.tolist())  # a resumed run: rebuild the networks, then load their weights
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.is_prepared:  # a trained network stays frozen
+            self.attention.requires_grad_(False)
+            self.attention.eval()
+
+    def freeze(self) -> None:
+        """Fix the attention networks: eval-mode BatchNorm, no gradients."""
+        for p in self.attention.parameters():
+            p.grad = None
+        self.attention.requires_grad_(False)
+        self.attention.eval()
+        self.prepared.fill_(True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.is_prepared:
+            self.attention.eval()
+        return self
+
+    # ------------------------------------------------------------------ vectors
+    def teacher_vectors(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Top right singular vector (canonical sign) of each tap, ``[(B, C_l)]``, no gradient."""
+        out = []
+        with torch.no_grad():
+            for f in features.values():
+                v, _ = top_right_singular(feature_matrix(f.detach()), 1, self.eps)
+                out.append(canonical_sign(v)[..., 0])
+        return out
+
+    def pairs(self, student, teacher) -> list[SingularPair]:
+        return singular_pairs(student.features, teacher.features, 1, self.candidates, self.eps, method="mhgd")
+
+    # ------------------------------------------------------------------ training the attention network
+    def estimation_loss(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """Upstream's ``MHA_loss``: ``sum_l mean(1 - <estimate(v_{l-1}), v_l>)`` (attention in train mode)."""
+        loss = vectors[0].new_zeros(())
+        for att, v_prev, v_cur in zip(self.attention, vectors[:-1], vectors[1:]):
+            est = att.estimate(v_prev, att.graph(v_cur, v_prev))
+            loss = loss + (1 - (est * v_cur).sum(-1)).mean()
+        return loss
+
+    def prepare(self, teacher_model: nn.Module, batches: Iterable[torch.Tensor], epochs: int | None = None) -> None:
+        """Train the attention networks on the frozen teacher's features, then freeze them.
+
+        ``batches``: a re-iterable of normalised image tensors (or ``(images, labels)`` pairs), e.g. a
+        list or a data loader; ``epochs`` defaults to ``prepare_epochs``. With 0 epochs the networks are
+        only built (from the first batch) and frozen untrained.
+        """
+        epochs = self.prepare_epochs if epochs is None else int(epochs)
+        if epochs > 1 and iter(batches) is batches:
+            raise UserError("mhgd.prepare needs a re-iterable of batches (a list or a data loader) for several "
+                            "epochs, not a one-shot iterator")
+        try:
+            device = next(teacher_model.parameters()).device
+        except StopIteration:
+            device = self.prepared.device
+        self.to(device)
+        was_training = teacher_model.training
+        teacher_model.eval()
+        taps = FeatureTaps(teacher_model, features=True, embedding=False)
+        opt = None
+        self.prepare_history = []
+        try:
+            for _ in range(max(epochs, 1)):
+                total, count = 0.0, 0
+                for batch in batches:
+                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                    with torch.no_grad():
+                        feats = taps(x.to(device)).features
+                    vectors = self.teacher_vectors(feats)
+                    if not self.built or [v.shape[1] for v in vectors] != self.channels.tolist():
+                        self.build([v.shape[1] for v in vectors])
+                        opt = None
+                    if epochs == 0:
+                        break
+                    if vectors[0].shape[0] < 2:
+                        continue  # BatchNorm needs two samples
+                    if opt is None:
+                        self.attention.requires_grad_(True)
+                        opt = torch.optim.SGD(self.attention.parameters(), lr=self.prepare_lr,
+                                              momentum=self.prepare_momentum, nesterov=self.prepare_momentum > 0,
+                                              weight_decay=self.prepare_weight_decay)
+                    self.attention.train()
+                    loss = self.estimation_loss(vectors)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach())
+                    count += 1
+                if epochs == 0:
+                    break
+                self.prepare_history.append(total / max(count, 1))
+        finally:
+            taps.remove()
+            teacher_model.train(was_training)
+        if not self.built:
+            raise UserError("mhgd.prepare got no batches: give it the training images")
+        self.freeze()
+
+    # ------------------------------------------------------------------ KD loss
+    def _check_ready(self, pairs: list[SingularPair]) -> None:
+        if not self.built or not self.is_prepared:
+            raise UserError("mhgd: the attention network is not trained yet; call prepare(teacher, batches) "
+                            "(KDObjective.prepare) before KD training")
+        chans = [p.teacher.shape[1] for p in pairs]
+        if chans != self.channels.tolist():
+            raise UserError(f"mhgd: taps have channels {chans} but the attention network was built for "
+                            f"{self.channels.tolist()}")
+
+    def loss_from_pairs(self, pairs: list[SingularPair]) -> torch.Tensor:
+        self._check_ready(pairs)
+        if self.attention.training:
+            self.attention.eval()
+        loss = pairs[0].student.new_zeros(())
+        for att, prev, cur in zip(self.attention, pairs[:-1], pairs[1:]):
+            g_s = att.graph(cur.student[..., 0], prev.student[..., 0])
+            with torch.no_grad():
+                g_t = att.graph(cur.teacher[..., 0], prev.teacher[..., 0])
+            loss = loss + graph_kl(g_s, g_t)
+        return loss
+
+    def forward(self, student, teacher, labels):
+        return self.loss_from_pairs(self.pairs(student, teacher))
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, candidates={self.candidates}, prepare_epochs={self.prepare_epochs}, "
+                f"channels={self.channels.tolist()}, prepared={self.is_prepared}")

@@ -1,0 +1,329 @@
+"""Knowledge distillation as a trainer :class:`~rolekd.train.objective.Objective`.
+
+One step: the student's forward (with feature taps when the KD loss needs them), the teacher's forward
+on the same batch (frozen: eval mode, no gradients; DML: train mode, it learns too), the task loss
+``CE`` and the KD loss, then the gradients::
+
+    grad = grad(CE) + clip(λ · grad(KD))        per parameter tensor, when clip_kd_grad
+    clip(g) = g · min(1, ||grad(CE)|| · sigmoid(epoch - e0) / ||g||)
+
+as KD-SVD's code and the role-wise KD paper do (``op_util.Optimizer_w_Distillation`` in
+``sseung0703/KD_methods_with_TF`` uses ``e0 = 0``, counting epochs from the start of KD training — for
+MHGD after its attention network's own training, so our 0-based KD epoch is the same count). Without
+clipping it is one backward of ``CE + λ·KD``. λ decays: by default ``×0.5`` every 60 epochs (paper
+§5.1); alternatively ``lam_milestones`` (fractions of the run) with ``lam_gamma`` (the authors' code
+uses ``[0.3, 0.6, 0.8]`` and 0.6).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..models.taps import FeatureTaps, Outputs
+from ..train.objective import Objective
+from .base import Distiller, create_distiller
+
+
+def _as_float(out: Outputs) -> Outputs:
+    return Outputs(out.logits.float(), {k: v.float() for k, v in out.features.items()},
+                   None if out.embedding is None else out.embedding.float())
+
+
+def _detached(out: Outputs) -> Outputs:
+    return Outputs(out.logits.detach(), {k: v.detach() for k, v in out.features.items()},
+                   None if out.embedding is None else out.embedding.detach())
+
+
+def clip_factor(epoch: float, e0: float = 0.0) -> float:
+    """``sigmoid(epoch - e0)``, rounded to 1 above ``1 - 1e-8`` as upstream."""
+    z = epoch - e0
+    s = 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+    return 1.0 if s > 1 - 1e-8 else s
+
+
+class KDObjective(Objective):
+    """Task loss + λ·KD loss with optional per-parameter KD gradient clipping.
+
+    ``teacher``: the teacher network (same input batch as the student). It is frozen (eval mode,
+    ``requires_grad`` off, forward under ``no_grad``) unless the distiller trains it (DML), in which
+    case it runs in train mode and is stepped here by its own optimizer: ``teacher_optimizer(params)``
+    if given, else a copy of the student's optimizer (class and hyper-parameters) once
+    :meth:`bind_student_optimizer` has been called. Its learning rate follows ``teacher_lr(epoch,
+    epochs)`` if given, else the student's current learning rate (scaled by the ratio of the two
+    optimizers' learning rates at binding time).
+    """
+
+    def __init__(self, teacher: nn.Module, distiller: Distiller, lam: float = 0.4, lam_decay: float = 0.5,
+                 lam_decay_every: int = 60, lam_milestones: Sequence[float] | None = None, lam_gamma: float = 0.6,
+                 clip_kd_grad: bool = True, clip_e0: float = 0.0,
+                 teacher_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+                 teacher_lr: Callable[[int, int], float] | None = None):
+        if not isinstance(distiller, Distiller):
+            raise TypeError(f"distiller must be a rolekd Distiller, got {type(distiller).__name__}")
+        if lam < 0:
+            raise UserError(f"kd lam={lam} must be >= 0")
+        if not 0 < lam_decay <= 1 or not 0 < lam_gamma <= 1:
+            raise UserError(f"kd lam_decay={lam_decay} and lam_gamma={lam_gamma} must be in (0, 1]")
+        if int(lam_decay_every) < 1:
+            raise UserError(f"kd lam_decay_every={lam_decay_every} must be >= 1")
+        if lam_milestones is not None:
+            lam_milestones = [float(m) for m in lam_milestones]
+            if any(not 0 <= m <= 1 for m in lam_milestones):
+                raise UserError(f"kd lam_milestones={lam_milestones} must be fractions of the run in [0, 1]")
+        self.teacher = teacher
+        self.distiller = distiller
+        self.lam = float(lam)
+        self.lam_decay = float(lam_decay)
+        self.lam_decay_every = int(lam_decay_every)
+        self.lam_milestones = sorted(lam_milestones) if lam_milestones is not None else None
+        self.lam_gamma = float(lam_gamma)
+        self.clip_kd_grad = bool(clip_kd_grad)
+        self.clip_e0 = float(clip_e0)
+        self.teacher_optimizer = teacher_optimizer
+        self.teacher_lr = teacher_lr
+        self._epochs: int | None = None
+        self._student_opt: torch.optim.Optimizer | None = None
+        self._lr_ratio = 1.0
+        self._t_opt: torch.optim.Optimizer | None = None
+        self._pending_t_opt_state: dict | None = None
+        self._s_taps: FeatureTaps | None = None
+        self._s_taps_model: nn.Module | None = None
+        self._t_taps = (FeatureTaps(teacher, features=distiller.needs_features, embedding=distiller.needs_embedding)
+                        if self._uses_taps else None)
+        self._set_teacher_mode()
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def _uses_taps(self) -> bool:
+        return self.distiller.needs_features or self.distiller.needs_embedding
+
+    @property
+    def trains_teacher(self) -> bool:
+        return self.distiller.trains_teacher
+
+    def _set_teacher_mode(self) -> None:
+        if self.trains_teacher:
+            self.teacher.train()
+            self.teacher.requires_grad_(True)
+        else:
+            self.teacher.eval()
+            self.teacher.requires_grad_(False)
+
+    def lam_at(self, epoch: int, epochs: int | None = None) -> float:
+        """λ at a 0-based epoch: ``lam * lam_decay ** (epoch // lam_decay_every)``, or with milestones
+        ``lam * lam_gamma ** #{m : epoch >= int(m * epochs)}`` (``epochs`` defaults to the current run's)."""
+        if self.lam_milestones is not None:
+            epochs = self._epochs if epochs is None else epochs
+            if epochs is None:
+                raise ValueError("lam_at with lam_milestones needs the run's number of epochs")
+            n = sum(1 for m in self.lam_milestones if epoch >= int(m * epochs))
+            return self.lam * self.lam_gamma ** n
+        return self.lam * self.lam_decay ** (epoch // self.lam_decay_every)
+
+    def clip_factor(self, epoch: int) -> float:
+        """``sigmoid(epoch - clip_e0)``: the KD gradient's bound relative to the task gradient's norm."""
+        return clip_factor(epoch, self.clip_e0)
+
+    # ------------------------------------------------------------------ trainer hooks
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        self.teacher.to(device)
+        self.distiller.to(device)
+        self._set_teacher_mode()
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.distiller.parameters() if p.requires_grad]
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        self._epochs = epochs
+
+    def prepare(self, batches: Iterable[torch.Tensor], epochs: int | None = None) -> None:
+        """Train the distiller's own parts (MHGD's attention) on the frozen teacher; call before KD training."""
+        if self.distiller.needs_prepare:
+            kwargs = {} if epochs is None else {"epochs": epochs}
+            was_training = self.teacher.training
+            self.distiller.prepare(self.teacher, batches, **kwargs)
+            self.teacher.train(was_training)
+
+    @property
+    def needs_prepare(self) -> bool:
+        return self.distiller.needs_prepare and not self.distiller.is_prepared
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The trainer's hook: same as :meth:`bind_student_optimizer`."""
+        self.bind_student_optimizer(optimizer)
+
+    def bind_student_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give DML the student's optimizer: the teacher's optimizer copies it (unless ``teacher_optimizer``
+        was given) and the teacher's learning rate follows the student's."""
+        self._student_opt = optimizer
+        if self._t_opt is not None:
+            self._lr_ratio = self._t_opt.param_groups[0]["lr"] / optimizer.param_groups[0]["lr"]
+
+    # ------------------------------------------------------------------ DML teacher optimizer
+    def _teacher_optim(self) -> torch.optim.Optimizer:
+        if self._t_opt is None:
+            params = [p for p in self.teacher.parameters() if p.requires_grad]
+            if self.teacher_optimizer is not None:
+                self._t_opt = self.teacher_optimizer(params)
+            elif self._student_opt is not None:
+                s = self._student_opt
+                kwargs = dict(s.defaults)
+                kwargs["lr"] = s.param_groups[0]["lr"]
+                self._t_opt = type(s)(params, **kwargs)
+            else:
+                raise RuntimeError("DML trains the teacher: pass teacher_optimizer=... to KDObjective or call "
+                                   "bind_student_optimizer(optimizer) before training")
+            if self._student_opt is not None:
+                self._lr_ratio = self._t_opt.param_groups[0]["lr"] / self._student_opt.param_groups[0]["lr"]
+            if self._pending_t_opt_state is not None:
+                self._t_opt.load_state_dict(self._pending_t_opt_state)
+                self._pending_t_opt_state = None
+        return self._t_opt
+
+    def _sync_teacher_lr(self, opt: torch.optim.Optimizer, epoch: int, epochs: int) -> None:
+        if self.teacher_lr is not None:
+            lr = float(self.teacher_lr(epoch, epochs))
+        elif self._student_opt is not None:
+            lr = self._student_opt.param_groups[0]["lr"] * self._lr_ratio
+        else:
+            return
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+    # ------------------------------------------------------------------ one step
+    def _student_taps(self, model: nn.Module) -> FeatureTaps:
+        base = getattr(model, "_orig_mod", model)  # hooks go on the eager module (torch.compile keeps it)
+        if self._s_taps is None or self._s_taps_model is not base:
+            if self._s_taps is not None:
+                self._s_taps.remove()
+            self._s_taps = FeatureTaps(base, features=self.distiller.needs_features,
+                                       embedding=self.distiller.needs_embedding)
+            self._s_taps_model = base
+        return self._s_taps
+
+    def _forward_student(self, model: nn.Module, images: torch.Tensor) -> Outputs:
+        if self._uses_taps:
+            return self._student_taps(model)(images)
+        return Outputs(model(images))
+
+    def _forward_teacher(self, images: torch.Tensor) -> Outputs:
+        if self._t_taps is not None:
+            return self._t_taps(images)
+        return Outputs(self.teacher(images))
+
+    def train_step(self, model, images, labels, ctx):
+        lam = self.lam_at(ctx.epoch, ctx.epochs)
+        self._epochs = ctx.epochs
+        d = self.distiller
+        if self.trains_teacher:
+            if not self.teacher.training:
+                self.teacher.train()
+            with ctx.autocast():
+                t_out = self._forward_teacher(images)
+                s_out = self._forward_student(model, images)
+            opt = self._teacher_optim()
+            self._sync_teacher_lr(opt, ctx.epoch, ctx.epochs)
+            t_loss = d.teacher_loss(s_out.logits.detach().float(), t_out.logits.float(), labels, lam)
+            opt.zero_grad(set_to_none=True)
+            t_loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t_out = _detached(t_out)
+        else:
+            if self.teacher.training:
+                self.teacher.eval()
+            with torch.no_grad(), ctx.autocast():
+                t_out = self._forward_teacher(images)
+            with ctx.autocast():
+                s_out = self._forward_student(model, images)
+        s_out, t_out = _as_float(s_out), _as_float(t_out)
+        task = F.cross_entropy(s_out.logits, labels)
+        kd = d(s_out, t_out, labels)
+        kd_w = kd * lam
+        self._backward(model, task, kd_w, ctx.epoch)
+        metrics = {"loss": (task + kd_w).detach(), "task_loss": task.detach(), "kd_loss": kd.detach(),
+                   "lam": torch.full((), lam, device=task.device)}
+        for name, value in d.terms().items():
+            metrics[f"kd_{name}"] = value
+        return s_out.logits.detach(), metrics
+
+    def _backward(self, model: nn.Module, task: torch.Tensor, kd_w: torch.Tensor, epoch: int) -> None:
+        if not self.clip_kd_grad or not kd_w.requires_grad or not float(self.lam):
+            (task + kd_w).backward()
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        extra = [p for p in self.distiller.parameters() if p.requires_grad]
+        g_task = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
+        g_kd = torch.autograd.grad(kd_w, params + extra, allow_unused=True)
+        factor = self.clip_factor(epoch)
+        for p, gt, gk in zip(params, g_task, g_kd[:len(params)]):
+            if gk is not None:
+                bound = (torch.linalg.vector_norm(gt) if gt is not None else gk.new_zeros(())) * factor
+                norm = torch.linalg.vector_norm(gk)
+                gk = gk * (bound / torch.maximum(norm, bound).clamp_min(1e-30))  # tf.clip_by_norm
+                g = gk if gt is None else gt + gk
+            else:
+                g = gt
+            _accumulate(p, g)
+        for p, gk in zip(extra, g_kd[len(params):]):  # the distiller's own trainable parts: unclipped
+            _accumulate(p, gk)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        state = {"distiller": self.distiller.state_dict()}
+        if self.trains_teacher:
+            state["teacher"] = self.teacher.state_dict()
+            state["teacher_optimizer"] = (self._t_opt.state_dict() if self._t_opt is not None
+                                          else self._pending_t_opt_state)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if "distiller" in state:
+            self.distiller.load_state_dict(state["distiller"])
+        if self.trains_teacher and state.get("teacher") is not None:
+            self.teacher.load_state_dict(state["teacher"])
+            opt_state = state.get("teacher_optimizer")
+            if opt_state is not None:
+                if self._t_opt is not None:
+                    self._t_opt.load_state_dict(opt_state)
+                else:
+                    self._pending_t_opt_state = opt_state
+
+    def close(self) -> None:
+        """Remove the feature hooks this objective registered."""
+        for taps in (self._s_taps, self._t_taps):
+            if taps is not None:
+                taps.remove()
+        self._s_taps = self._s_taps_model = None
+
+
+def _accumulate(p: nn.Parameter, g: torch.Tensor | None) -> None:
+    if g is None:
+        return
+    if p.grad is None:
+        p.grad = g.detach()
+    else:
+        p.grad.add_(g.detach())
+
+
+_OBJECTIVE_KEYS = {"lam", "lam_decay", "lam_decay_every", "lam_milestones", "lam_gamma", "clip_kd_grad", "clip_e0",
+                   "teacher_optimizer", "teacher_lr"}
+
+
+def build_kd_objective(method: str, teacher: nn.Module, **kwargs) -> KDObjective:
+    """``KDObjective(teacher, create_distiller(method, ...), ...)``: objective options (``lam``,
+    ``lam_decay``, ``lam_decay_every``, ``lam_milestones``, ``lam_gamma``, ``clip_kd_grad`` (alias
+    ``clip``), ``clip_e0``, ``teacher_optimizer``, ``teacher_lr``) go to the objective, the rest to the
+    distiller (e.g. ``T`` for soft, ``prepare_epochs`` for mhgd/iikd)."""
+    if "clip" in kwargs:
+        kwargs["clip_kd_grad"] = kwargs.pop("clip")
+    okw = {k: kwargs.pop(k) for k in list(kwargs) if k in _OBJECTIVE_KEYS}
+    return KDObjective(teacher, create_distiller(method, **kwargs), **okw)

@@ -1,0 +1,90 @@
+"""Config -> KD objective: load the frozen teacher, build the method, prepare it, init the student.
+
+Used by ``rolekd distill``, KD search members and the pipeline. Within one process the frozen teacher
+is loaded once per (weights file, model, device) and shared by every student (search members), and a
+method's prepared parts (MHGD's attention network, trained on the teacher) are computed once and
+copied into later objectives.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..data import DataBundle, DeviceLoader
+from ..errors import UserError
+
+_TEACHERS: dict[tuple, nn.Module] = {}
+_PREPARED: dict[tuple, dict] = {}
+
+
+def load_teacher(cfg: Config, num_classes: int, device: torch.device) -> tuple[nn.Module, Path, str]:
+    """The frozen full-precision teacher of ``cfg.kd.teacher`` (cached per process)."""
+    from ..train.checkpoint import load_weights
+    from ..train.run import build_model, teacher_paths
+
+    weights, name = teacher_paths(cfg)
+    st = weights.stat()
+    key = (str(weights.resolve()), st.st_mtime_ns, name, num_classes, str(device))
+    if key not in _TEACHERS:
+        teacher = build_model(cfg, num_classes, model_name=name, quantize=False)
+        load_weights(teacher, weights, what="teacher checkpoint")
+        teacher.to(device).eval().requires_grad_(False)
+        _TEACHERS[key] = teacher
+    return _TEACHERS[key], weights, name
+
+
+class _Images:
+    """Re-iterable image batches of a loader (for MHGD's preparation on the teacher)."""
+
+    def __init__(self, loader: DeviceLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        return (x for x, _ in self.loader)
+
+
+def kd_objective_from_config(cfg: Config, student: nn.Module, bundle: DataBundle, train_loader: DeviceLoader,
+                             device: torch.device):
+    """Build the KD objective of ``cfg.kd`` for ``student`` (initialised from the teacher when they share
+    an architecture and ``kd.init_from_teacher``)."""
+    from . import build_kd_objective, list_distillers
+    from ..train.checkpoint import load_weights
+
+    kd = cfg.kd
+    if kd.method not in list_distillers():
+        raise UserError(f"unknown KD method {kd.method!r}: choose one of {', '.join(list_distillers())}")
+    teacher, weights, name = load_teacher(cfg, bundle.num_classes, device)
+    if kd.init_from_teacher and name == cfg.model.name:
+        load_weights(student, weights, what="teacher checkpoint")
+    kwargs = dict(lam=kd.lam, lam_decay=kd.lam_decay, lam_decay_every=kd.lam_decay_every, clip=kd.clip,
+                  clip_e0=kd.clip_e0)
+    if kd.method == "soft":
+        kwargs["T"] = kd.T
+    if kd.method in ("mhgd", "iikd"):
+        kwargs["prepare_epochs"] = kd.prepare_epochs
+    if kd.method == "dml":
+        teacher = copy.deepcopy(teacher)  # DML trains its own copy of the teacher
+    objective = build_kd_objective(kd.method, teacher, **kwargs)
+    if objective.needs_prepare:
+        pkey = (str(weights.resolve()), weights.stat().st_mtime_ns, kd.method, kd.prepare_epochs,
+                cfg.data.name, cfg.data.split, cfg.data.train_size, str(device))
+        if pkey in _PREPARED:
+            objective.distiller.load_state_dict(_PREPARED[pkey])
+        else:
+            prep = DeviceLoader(train_loader_split(train_loader), cfg.train.batch_size, bundle.mean, bundle.std,
+                                device, shuffle=True, seed=cfg.train.seed + 7919,
+                                channels_last=train_loader.channels_last)
+            objective.prepare(_Images(prep), epochs=kd.prepare_epochs)
+            _PREPARED[pkey] = {k: v.detach().clone() for k, v in objective.distiller.state_dict().items()}
+    return objective
+
+
+def train_loader_split(loader: DeviceLoader):
+    from ..data.datasets import Split
+
+    return Split(loader.images, loader.labels)

@@ -1,0 +1,264 @@
+"""Singular vectors of feature maps for KD-SVD and MHGD: a guarded, differentiable truncated SVD.
+
+Both methods compress a feature map ``(B, C, H, W)`` into the leading *right* singular vectors of its
+per-sample ``(HW x C)`` matrix, i.e. vectors in the channel space (``C``). References (definitions read
+from them, code our own):
+
+* Lee, Kim, Song, "Self-supervised knowledge distillation using singular value decomposition", ECCV
+  2018, and its TensorFlow code (``sseung0703/KD_methods_with_TF``: ``nets/SVP.py``,
+  ``nets/Distillation.py``; ``sseung0703/Knowledge_distillation_via_TF2.0``: ``distiller/SVD.py``,
+  ``nets/SVP.py``).
+
+What we take from upstream:
+
+* the vectors come from the eigen-decomposition of the smaller Gram matrix (their "EID" variant:
+  ``X^T X`` when ``HW >= C``, else ``X X^T`` and ``v = X^T u / s``), with a custom backward whose
+  ``1 / (s_j^2 - s_i^2)`` factors are made safe (upstream replaces infinities by 0);
+* the teacher keeps its top ``k`` vectors (``k = 1`` upstream), the student its top ``k + 3``, and each
+  teacher vector is matched by the student vector of largest ``|cosine|`` whose sign is then flipped to
+  agree (``Align_rsv``);
+* spatial sizes never need to agree: the right singular vectors live in the channel space, so maps of
+  different ``H x W`` (consecutive layers, or a student with another resolution) are compared as
+  channel vectors without pooling or resizing. Teacher and student must have the *same channel count*
+  at each tap (upstream uses the same widths; we raise :class:`~rolekd.errors.UserError` otherwise).
+
+How we compute it (our own): only the top few eigenpairs are needed, so Gram matrices larger than
+32 x 32 use batched subspace iteration + Rayleigh-Ritz (CUDA's ``eigh`` loops over the batch there and
+made a ResNet18 KD-SVD step ~20x slower than plain training); smaller ones use ``torch.linalg.eigh``.
+The backward of an eigenvector needs no full spectrum: ``dv_i = (l_i I - G)^+ dG v_i`` is applied as
+``Re[(l_i I - G + i tau I)^-1]`` (one complex128 solve), i.e. ``d / (d^2 + tau^2)`` per eigen-direction
+with ``d = l_i - l_j`` and ``tau = eps * l_max``: ``~1/d`` for separated eigenvalues, 0 for equal ones.
+Guards (no NaN/Inf ever reaches the weights): float32 or better, autocast off, ``1/s`` regularised by
+``eps * s_max``, a right vector whose singular value is 0 is the zero vector, non-finite backward
+entries are zeroed. Teacher vectors get a canonical sign (entries sum ``>= 0``; upstream's sign is
+whatever LAPACK returns), students are aligned to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def feature_matrix(f: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, HW, C)`` float32 (``(B, C)`` -> ``(B, 1, C)``), any memory format."""
+    if f.dim() == 4:
+        b, c, h, w = f.shape
+        return _f32(f).permute(0, 2, 3, 1).reshape(b, h * w, c)
+    if f.dim() == 2:
+        return _f32(f).unsqueeze(1)
+    if f.dim() == 3:
+        return _f32(f)
+    raise ValueError(f"expected a (B, C, H, W) or (B, C) feature tensor, got shape {tuple(f.shape)}")
+
+
+_EIGH_MAX = 32  # Gram matrices up to this size use torch.linalg.eigh (batched Jacobi on CUDA)
+_START: dict[tuple, torch.Tensor] = {}
+
+
+def _start_block(r: int, q: int, like: torch.Tensor) -> torch.Tensor:
+    """A fixed (seeded) random ``(r, q)`` start block, so results do not depend on the global RNG."""
+    key = (r, q, like.device, like.dtype)
+    if key not in _START:
+        g = torch.Generator().manual_seed(1234 + r * 31 + q)
+        _START[key] = torch.randn(r, q, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+    return _START[key]
+
+
+def _orthonormalize(z: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning ``z`` (B, r, q) by shifted Cholesky-QR, twice (batched, fast on
+    CUDA where ``torch.linalg.qr`` loops over the batch). Directions ``z`` lacks shrink to zero."""
+    eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+    for _ in range(2):
+        m = z.transpose(-1, -2) @ z
+        shift = 1e-13 * m.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300) / m.shape[-1]
+        chol, _ = torch.linalg.cholesky_ex(m + shift[..., None, None] * eye)
+        z = torch.linalg.solve_triangular(chol.transpose(-1, -2), z, upper=True, left=False)
+    return z
+
+
+def top_eigh(g: torch.Tensor, p: int, max_iter: int | None = None,
+             tol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``p`` eigenpairs ``(values (B, p) descending, vectors (B, r, p))`` of symmetric PSD ``g``.
+
+    Small matrices (``r <= 32`` or ``r <= p + 8``) use ``torch.linalg.eigh``. Larger ones use batched
+    subspace iteration on ``g^2`` with a block of ``p + 8`` vectors (Cholesky-QR re-orthonormalisation,
+    float64 arithmetic), then a Rayleigh-Ritz step on ``g``, until every wanted Ritz pair has a residual
+    below ``tol * lambda_max`` (default 1e-5 for float32 input, 1e-11 for float64; checked every 4
+    iterations) or ``max_iter`` iterations (default 60, 400): CUDA's batched ``eigh`` loops over the
+    batch for ``r > 32`` and is ~100x slower. No gradient (see :class:`_TopEigh`).
+    """
+    r = g.shape[-1]
+    p = min(p, r)
+    f64 = g.dtype == torch.float64
+    tol = (1e-11 if f64 else 1e-5) if tol is None else tol
+    max_iter = (400 if f64 else 60) if max_iter is None else max_iter
+    with torch.no_grad(), torch.autocast(device_type=g.device.type, enabled=False):
+        q = min(r, p + 8)
+        if r <= _EIGH_MAX or q >= r:
+            lam, v = torch.linalg.eigh(g)
+            return lam.flip(-1)[..., :p].clamp_min(0), v.flip(-1)[..., :p]
+        dtype = g.dtype
+        g = g.double()
+        scale = g.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[..., None, None]
+        gn = g / scale  # eigenvalues in [0, 1]
+        g2 = gn @ gn
+        basis = _orthonormalize(gn @ _start_block(r, q, g).expand(*g.shape[:-2], r, q))
+        it = 0
+        while True:
+            for _ in range(4):
+                basis = _orthonormalize(g2 @ basis)
+            it += 4
+            basis = _orthonormalize(basis)  # exactly orthonormal for the Rayleigh-Ritz step
+            theta, w = torch.linalg.eigh(basis.transpose(-1, -2) @ gn @ basis)
+            theta, w = theta.flip(-1)[..., :p], w.flip(-1)[..., :p]
+            v = basis @ w
+            resid = torch.linalg.vector_norm(gn @ v - v * theta.unsqueeze(-2), dim=-2)  # (B, p)
+            if it >= max_iter or float(resid.max()) <= tol * max(float(theta[..., 0].max()), 1e-30):
+                break
+        return (theta * scale[..., 0]).clamp_min(0).to(dtype), v.to(dtype)
+
+
+class _TopEigh(torch.autograd.Function):
+    """Top-``p`` eigenpairs of a symmetric PSD matrix with a regularised, NaN-free backward.
+
+    For an eigenvector ``v_i`` (value ``l_i``) the exact derivative is ``dv_i = (l_i I - G)^+ dG v_i``.
+    We apply ``(l_i I - G) ((l_i I - G)^2 + tau^2 I)^-1 = Re[(l_i I - G + i tau I)^-1]`` instead (one
+    complex128 solve per vector, no full spectrum needed): per eigen-direction ``j`` this is
+    ``d / (d^2 + tau^2)`` with ``d = l_i - l_j``, i.e. ``1/d`` for separated values and 0 for equal
+    ones; ``tau = eps * l_max``.
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, p: int, eps: float):
+        lam, v = top_eigh(g, p)
+        ctx.save_for_backward(g, lam, v)
+        ctx.eps = eps
+        return v, lam
+
+    @staticmethod
+    def backward(ctx, g_v, g_lam):
+        g, lam, v = ctx.saved_tensors
+        grad = None
+        if g_lam is not None:
+            grad = (v * g_lam.unsqueeze(-2)) @ v.transpose(-1, -2)
+        if g_v is not None:
+            r = v.shape[-2]
+            eye = torch.eye(r, dtype=torch.float64, device=g.device)
+            tau = ctx.eps * lam.double()[..., :1] + 1e-30  # (B, 1)
+            a = lam.double()[..., None, None] * eye - g.double().unsqueeze(-3)  # (B, p, r, r)
+            # Re[(a + i tau)^-1] = a (a^2 + tau^2)^-1, solved with condition number <= l_max / tau
+            shifted = torch.complex(a, (tau[..., None, None] * eye).expand_as(a))
+            vt = v.double().transpose(-1, -2)  # (B, p, r): v_i as rows
+            gt = g_v.double().transpose(-1, -2)
+            # dv_i has no component along v_i: project it out before and after the solve
+            rhs = gt - vt * (vt * gt).sum(-1, keepdim=True)
+            w = torch.linalg.solve(shifted, rhs.to(shifted.dtype)).real  # (B, p, r)
+            w = w - vt * (vt * w).sum(-1, keepdim=True)
+            w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+            gv = (w.transpose(-1, -2) @ vt).to(g.dtype)  # sum_i w_i v_i^T
+            grad = gv if grad is None else grad + gv
+        return grad, None, None
+
+
+def _decompose(x: torch.Tensor, n: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``n`` right singular vectors (B, N, n) and values (B, n) of ``x`` (B, M, N), differentiable.
+
+    From ``X^T X`` when ``M >= N``; else from ``X X^T`` with ``v = X^T u / s`` (zero when ``s`` is).
+    """
+    m, c = x.shape[-2], x.shape[-1]
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if m >= c:
+            v, lam = _TopEigh.apply(x.transpose(-1, -2) @ x, n, eps)
+            return v, lam.clamp_min(0).sqrt()
+        u, lam = _TopEigh.apply(x @ x.transpose(-1, -2), n, eps)
+        lam_max = lam[..., :1].detach()
+        inv_s = torch.rsqrt(lam.clamp_min(0) + eps * eps * lam_max + 1e-30)  # 1/s, regularised by eps*s_max
+        keep = (lam.detach() > 1e-12 * lam_max).to(x.dtype)  # no right vector for a zero singular value
+        v = (x.transpose(-1, -2) @ u) * (inv_s * keep).unsqueeze(-2)
+        return v, lam.clamp_min(0).sqrt()
+
+
+def top_right_singular(x: torch.Tensor, n: int, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``n`` right singular vectors ``V`` (B, N, n) and values ``s`` (B, n) of ``x`` (B, M, N).
+
+    ``n`` is capped at ``min(M, N)``. Differentiable in ``x`` through ``V`` (the values carry no
+    gradient); the backward pass never produces NaN/Inf, also for zero, rank-deficient or repeated
+    singular values (``eps`` sets how near-equal values are regularised, relative to ``s_max^2``).
+    """
+    x = x if x.dtype == torch.float64 else x.float()  # float64 kept (for checks), else float32
+    n = max(1, min(int(n), x.shape[-2], x.shape[-1]))
+    if x.requires_grad and torch.is_grad_enabled():
+        v, s = _decompose(x, n, eps)
+        return v, s.detach()
+    with torch.no_grad():
+        return _decompose(x, n, eps)
+
+
+def canonical_sign(v: torch.Tensor) -> torch.Tensor:
+    """Flip each column of ``v`` (B, N, k) so that its entries sum to ``>= 0``."""
+    sign = torch.where(v.sum(dim=-2, keepdim=True) >= 0, 1.0, -1.0).to(v.dtype)
+    return v * sign
+
+
+def align_rsv(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
+    """Match each teacher vector with a student vector: ``(B, N, ns), (B, N, nt) -> (B, N, nt)``.
+
+    For teacher column ``j`` the student column with the largest ``|cos|`` is taken and multiplied by
+    the sign of that cosine (``+1`` when the cosine is 0), as upstream's ``Align_rsv``.
+    """
+    cos = v_s.transpose(-1, -2) @ v_t.detach()  # (B, ns, nt)
+    idx = cos.abs().argmax(dim=-2)  # (B, nt)
+    picked = torch.gather(v_s, -1, idx.unsqueeze(-2).expand(-1, v_s.shape[-2], -1))
+    c = torch.gather(cos, -2, idx.unsqueeze(-2)).detach()  # (B, 1, nt)
+    return picked * torch.where(c >= 0, 1.0, -1.0).to(picked.dtype)
+
+
+@dataclass
+class SingularPair:
+    """One tap's compressed knowledge: student vectors aligned to the teacher's (both (B, C, k)) and
+    the teacher's top-``k`` singular values, l2-normalised over ``k`` (B, k)."""
+
+    name: str
+    student: torch.Tensor
+    teacher: torch.Tensor
+    teacher_sigma: torch.Tensor
+
+
+def check_taps(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], method: str) -> list[str]:
+    """Names of the taps to compare, in the teacher's order; raise UserError on a mismatch."""
+    if not teacher:
+        raise UserError(f"{method} needs feature taps: the teacher model declares no kd_taps")
+    missing = [k for k in teacher if k not in student]
+    if missing:
+        raise UserError(f"{method}: the student has no feature tap(s) {missing} that the teacher has; use models "
+                        f"with the same kd_taps names")
+    for k in teacher:
+        cs, ct = student[k].shape[1], teacher[k].shape[1]
+        if cs != ct:
+            raise UserError(f"{method}: tap {k!r} has {cs} channels in the student and {ct} in the teacher; "
+                            f"KD-SVD/MHGD compare channel-space singular vectors and need equal widths")
+    return list(teacher)
+
+
+def singular_pairs(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], k: int = 1,
+                   candidates: int = 4, eps: float = 1e-4, method: str = "kdsvd") -> list[SingularPair]:
+    """Per tap (teacher order): teacher top-``k`` right singular vectors (canonical sign, no gradient),
+    student top-``candidates`` vectors aligned to them (gradient flows to the student features)."""
+    if k < 1 or candidates < k:
+        raise UserError(f"{method}: need 1 <= k <= candidates, got k={k}, candidates={candidates}")
+    pairs = []
+    for name in check_taps(student, teacher, method):
+        with torch.no_grad():
+            v_t, s_t = top_right_singular(feature_matrix(teacher[name].detach()), k, eps)
+            v_t = canonical_sign(v_t)
+            sigma = s_t / (s_t.norm(dim=-1, keepdim=True) + 1e-12)
+        v_s, _ = top_right_singular(feature_matrix(student[name]), candidates, eps)
+        pairs.append(SingularPair(name, align_rsv(v_s, v_t), v_t, sigma))
+    return pairs

@@ -1,0 +1,164 @@
+"""DoReFa-Net low-bit weights and activations, with the straight-through estimator.
+
+References (read for the definitions; the code is our own):
+
+* Zhou et al., "DoReFa-Net: Training Low Bitwidth Convolutional Neural Networks with Low Bitwidth
+  Gradients", arXiv:1606.06160 (eq. 5 for activations, eq. 7-8 for weights);
+* tensorpack's ``examples/DoReFa-Net/dorefa.py`` (BWN for 1-bit weights, first and last layer kept
+  in full precision), which the role-wise KD authors used.
+
+Definitions (``n = 2**k - 1``, ``Q(r) = round(n * r) / n`` with the gradient of ``round`` taken as 1):
+
+* weights, ``2 <= k <= 8``: ``2 * Q(tanh(w) / (2 * max|tanh(w)|) + 1/2) - 1`` (max over the whole tensor;
+  the gradient flows through ``tanh`` and the max);
+* weights, ``k = 1``: ``sign(w) * mean|w|`` (BWN), gradient identity (``mean|w|`` is treated as a constant);
+* activations, ``1 <= k <= 8``: ``Q(clip(x, 0, 1))`` (gradient 1 inside [0, 1], 0 outside);
+* ``k = 32``: identity.
+
+:func:`quantize_model` returns a low-bit copy of a model: every ``nn.Conv2d``/``nn.Linear`` except the
+first conv and the last linear layer becomes a :class:`QConv2d`/:class:`QLinear`, which quantizes its
+*input activation* and then its *weight*. Parameter names are unchanged, so ``state_dict`` keys are
+identical and a full-precision teacher's weights load into the student with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+
+FULL_PRECISION = 32
+
+
+def check_bits(bits, what: str = "bits") -> int:
+    """Return ``bits`` as an int if it is 1..8 or 32, else raise :class:`UserError`."""
+    try:
+        if isinstance(bits, bool):
+            raise TypeError
+        bits = operator.index(bits)
+    except TypeError:
+        raise UserError(f"{what}={bits!r} is not supported: use an integer 1..8, or 32 for full precision") from None
+    if not (1 <= bits <= 8 or bits == FULL_PRECISION):
+        raise UserError(f"{what}={bits} is not supported: use 1..8, or 32 for full precision")
+    return bits
+
+
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward (exactly), identity gradient."""
+    return torch.round(x).detach() + (x - x.detach())
+
+
+def uniform_quantize(r: torch.Tensor, bits: int) -> torch.Tensor:
+    """DoReFa's ``Q``: ``round((2^k - 1) r) / (2^k - 1)`` for ``r`` in [0, 1], straight-through gradient."""
+    n = float(2 ** bits - 1)
+    return _ste_round(r * n) / n
+
+
+def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """DoReFa weight quantizer (see the module docstring); ``bits`` in 1..8 or 32."""
+    bits = check_bits(bits, "w_bits")
+    if bits == FULL_PRECISION:
+        return w
+    if bits == 1:
+        scale = w.detach().abs().mean()
+        return (torch.sign(w) * scale).detach() + (w - w.detach())
+    t = torch.tanh(w)
+    m = t.abs().max().clamp_min(torch.finfo(t.dtype).tiny)
+    n = float(2 ** bits - 1)
+    # 2 Q(r) - 1 written as (2 round(n r) - n) / n so that the levels are exact (e.g. +-1/3 for 2 bits)
+    return (2.0 * _ste_round((t / (2.0 * m) + 0.5) * n) - n) / n
+
+
+def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """DoReFa activation quantizer ``Q(clip(x, 0, 1))``; ``bits`` in 1..8 or 32."""
+    bits = check_bits(bits, "a_bits")
+    if bits == FULL_PRECISION:
+        return x
+    return uniform_quantize(torch.clamp(x, 0.0, 1.0), bits)
+
+
+class _QuantMixin:
+    w_bits: int = FULL_PRECISION
+    a_bits: int = FULL_PRECISION
+
+    def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}"
+
+
+class QConv2d(_QuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` that quantizes its input activation, then its weight (same parameter names)."""
+
+    def __init__(self, *args, w_bits: int = FULL_PRECISION, a_bits: int = FULL_PRECISION, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.w_bits = check_bits(w_bits, "w_bits")
+        self.a_bits = check_bits(a_bits, "a_bits")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantize_activation(x, self.a_bits)
+        return self._conv_forward(x, quantize_weight(self.weight, self.w_bits), self.bias)
+
+
+class QLinear(_QuantMixin, nn.Linear):
+    """``nn.Linear`` that quantizes its input activation, then its weight (same parameter names)."""
+
+    def __init__(self, *args, w_bits: int = FULL_PRECISION, a_bits: int = FULL_PRECISION, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.w_bits = check_bits(w_bits, "w_bits")
+        self.a_bits = check_bits(a_bits, "a_bits")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantize_activation(x, self.a_bits)
+        return F.linear(x, quantize_weight(self.weight, self.w_bits), self.bias)
+
+
+_SWAP = {nn.Conv2d: QConv2d, nn.Linear: QLinear, QConv2d: QConv2d, QLinear: QLinear}
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of every ``nn.Conv2d``/``nn.Linear`` in registration order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def full_precision_layers(model: nn.Module) -> tuple[str | None, str | None]:
+    """Paths of the layers DoReFa keeps in full precision: the first conv and the last linear layer.
+
+    "First"/"last" follow registration order (the model zoo registers modules in data-flow order). A
+    model without a linear layer keeps its last conv/linear layer instead; one without convs, its first.
+    """
+    layers = quantizable_layers(model)
+    convs = [n for n, m in layers if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in layers if isinstance(m, nn.Linear)]
+    first = convs[0] if convs else (layers[0][0] if layers else None)
+    last = linears[-1] if linears else (layers[-1][0] if layers else None)
+    return first, last
+
+
+def quantize_model(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
+    """A DoReFa low-bit deep copy of ``model`` (the input is not modified).
+
+    Every ``nn.Conv2d``/``nn.Linear`` except the first conv and the last linear layer becomes a
+    :class:`QConv2d`/:class:`QLinear` with the given bits; module paths and parameter names are kept, so
+    ``kd_taps``/``kd_embedding`` and ``state_dict`` keys are unchanged. The copy records ``w_bits`` and
+    ``a_bits`` as attributes. Bits must be 1..8 or 32 (:class:`UserError` otherwise).
+    """
+    w_bits = check_bits(w_bits, "w_bits")
+    a_bits = check_bits(a_bits, "a_bits")
+    q = copy.deepcopy(model)
+    first, last = full_precision_layers(q)
+    for name, m in quantizable_layers(q):
+        if name in (first, last):
+            continue
+        cls = _SWAP.get(type(m))
+        if cls is None:
+            raise UserError(f"cannot quantize {name!r}: {type(m).__name__} is a custom subclass of "
+                            f"nn.Conv2d/nn.Linear; use plain nn.Conv2d/nn.Linear layers in the model")
+        # Re-class in place (on the copy): parameters, buffers and hooks stay exactly as they are.
+        m.__class__ = cls
+        m.w_bits, m.a_bits = w_bits, a_bits
+    q.w_bits, q.a_bits = w_bits, a_bits
+    return q
