@@ -107,6 +107,29 @@ class SearchConfig(_Section):
     ray_num_gpus: float = Field(0.0, ge=0)
 
 
+class RoleConfig(_Section):
+    """One role of the pipeline: its network, bits, KD method and training-recipe overrides."""
+
+    model: str = "resnet_tiny"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    w_bits: int = 32
+    a_bits: int = 32
+    method: str | None = None  # KD method (student only)
+    train: dict[str, Any] = Field(default_factory=dict)  # overrides of the train section for this role
+    search_train: dict[str, Any] = Field(default_factory=dict)  # overrides for this role's search members
+
+
+BASELINES = ("vanilla_teacher", "vanilla_student", "only_kd", "student_teacher_schedule")
+
+
+class PipelineConfig(_Section):
+    teacher: RoleConfig = Field(default_factory=RoleConfig)
+    student: RoleConfig = Field(default_factory=lambda: RoleConfig(w_bits=4, a_bits=4, method="iikd"))
+    baselines: list[Literal["vanilla_teacher", "vanilla_student", "only_kd", "student_teacher_schedule"]] = \
+        Field(default_factory=lambda: list(BASELINES))
+    paper: str | None = None  # key of the paper table/setting this run reproduces (for the report)
+
+
 class Config(_Section):
     name: str = "run"
     out: str | None = None  # run directory; default runs/<name>
@@ -117,7 +140,7 @@ class Config(_Section):
     quant: QuantConfig = Field(default_factory=QuantConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
-    pipeline: dict[str, Any] = Field(default_factory=dict)  # validated by rolekd.pipeline
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / self.name

@@ -37,6 +37,9 @@ class Objective:
         """Trainable parameters besides the model's that the trainer's optimizer should update."""
         return []
 
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once with the trainer's optimizer (e.g. DML copies it for the networks it trains)."""
+
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """Called at the start of every training epoch."""
 

@@ -73,6 +73,7 @@ class Trainer:
         self.objective.setup(model, self.device)
         params = [p for p in model.parameters() if p.requires_grad] + list(self.objective.extra_parameters())
         self.optimizer = build_optimizer(params, cfg)
+        self.objective.bind_optimizer(self.optimizer)
         self.policy_for_epoch = policy_for_epoch
         self.run_dir = Path(run_dir) if run_dir else None
         self.log_name = log_name

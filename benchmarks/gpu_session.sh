@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One prepared GPU session (device tool): carries .gpu/ (cifar10_jpeg.npz, a PBA schedule) and .whl/
+# (pydantic wheels, absent from the GPU image). Results go to $OUT; each step has its own time limit.
+set -u
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD/src
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/gpu.txt
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >> $OUT/gpu.txt
+step() { local t=$1; shift; local name=$1; shift; echo "== $name"; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?" >> "$OUT/$name.log"; tail -n 12 "$OUT/$name.log"; }
+step 120 loader python3 benchmarks/bench_loader.py --device cuda --workers 8 --data-path .gpu/cifar10_jpeg.npz \
+  --gpu-models resnet18 wrn_40_2 --batches 128 512 --steps 40 --out $OUT/loader.json
+step 100 augment python3 benchmarks/bench_augment.py --device cuda --batch 4096 --train-step --out $OUT/augment.json
+step 120 train_smoke python3 -m rolekd.cli train model=resnet18 dataset=cifar10-jpeg data.path=.gpu/cifar10_jpeg.npz \
+  epochs=2 out=/tmp/r18 train.progress=false augment.schedule=.gpu/rcifar10_16_wrn.txt augment.schedule_epochs=200
+step 120 compile python3 benchmarks/bench_loader.py --device cuda --data-path .gpu/cifar10_jpeg.npz \
+  --gpu-models resnet18 --batches 512 --steps 40 --compile --out $OUT/compile.json
