@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -22,7 +22,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: Literal["cifar10-sample", "cifar10", "cifar100", "cifar10-jpeg"] = "cifar10-sample"
+    name: str = "cifar10-sample"  # cifar10-sample | cifar10-jpeg | cifar10 | cifar100 | a registered dataset
     path: str | None = None  # the .npz file for cifar10-jpeg
     data_dir: str | None = None  # torchvision root for cifar10/cifar100 (default ~/.cache/rolekd/data)
     download: bool = True
@@ -30,6 +30,18 @@ class DataConfig(_Section):
     train_size: int = Field(4000, gt=0)
     val_size: int = Field(46000, gt=0)
     split_seed: int = 0
+    max_train: int | None = Field(None, gt=0)  # use only the first N training images (smoke runs, tests)
+    max_test: int | None = Field(None, gt=0)  # use only the first N test images
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from .data.datasets import dataset_names
+
+        if name not in dataset_names():
+            raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(dataset_names())} "
+                             "(or register yours with rolekd.data.register_dataset)")
+        return name
 
 
 class ModelConfig(_Section):
@@ -236,9 +248,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read ``path`` (or start from ``base`` / defaults), apply overrides, validate."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        data = _merge(data, read_yaml(path))
+        data = _merge(data, _read_with_bases(Path(path)))
     data = apply_overrides(data, list(overrides or []))
     return validate_config(data, str(path) if path is not None else "config")
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML file whose ``base: other.yaml`` (relative to it) is read first and overridden by it."""
+    if path.resolve() in seen:
+        raise UserError(f"config file {path}: its base chain loops back to itself")
+    data = read_yaml(path)
+    parent = data.pop("base", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise UserError(f"config file {path}: base must be the path of another YAML file")
+    return _merge(_read_with_bases(path.parent / parent, seen + (path.resolve(),)), data)
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -161,9 +162,44 @@ def load_torchvision_cifar(name: str, data_dir: str | None = None, download: boo
     return _bundle(name, np.asarray(tr.data), tr.targets, np.asarray(te.data), te.targets, tr.classes)
 
 
+_USER_DATASETS: dict[str, Callable[[], DataBundle]] = {}
+
+
+def register_dataset(name: str, factory: Callable[[], DataBundle]) -> None:
+    """Make ``data.name=<name>`` load ``factory()`` (e.g. :func:`bundle_from_dataset` of your data)."""
+    _USER_DATASETS[name] = factory
+
+
+def bundle_from_tensors(name: str, train_images, train_labels, test_images, test_labels,
+                        classes: Sequence[str] | None = None) -> DataBundle:
+    """A DataBundle from uint8 images, (N, H, W, 3) numpy or (N, 3, H, W) tensors, and integer labels."""
+    def nhwc(x):
+        x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if x.dtype != np.uint8 or x.ndim != 4:
+            raise UserError(f"dataset {name}: images must be uint8 arrays of 4 dimensions, got {x.dtype} {x.shape}")
+        return x.transpose(0, 2, 3, 1) if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3) else x
+
+    ty = np.asarray(train_labels, dtype=np.int64)
+    classes = list(classes) if classes is not None else [str(i) for i in range(int(ty.max()) + 1)]
+    return _bundle(name, nhwc(train_images), ty, nhwc(test_images), np.asarray(test_labels, np.int64), classes)
+
+
+def bundle_from_dataset(name: str, train, test, classes: Sequence[str] | None = None) -> DataBundle:
+    """A DataBundle from two ``torch.utils.data.Dataset`` of (PIL image or uint8 HWC array, label)."""
+    def arrays(ds):
+        xs, ys = zip(*[(np.asarray(img.convert("RGB") if hasattr(img, "convert") else img), int(y)) for img, y in ds])
+        return np.stack(xs), np.asarray(ys)
+
+    (tx, ty), (vx, vy) = arrays(train), arrays(test)
+    return bundle_from_tensors(name, tx, ty, vx, vy, classes or getattr(train, "classes", None))
+
+
 def load_dataset(name: str, path: str | None = None, data_dir: str | None = None,
                  download: bool = True) -> DataBundle:
-    """The one entry point: ``cifar10-sample`` | ``cifar10-jpeg`` | ``cifar10`` | ``cifar100``."""
+    """The one entry point: ``cifar10-sample`` | ``cifar10-jpeg`` | ``cifar10`` | ``cifar100`` | a
+    name given to :func:`register_dataset`."""
+    if name in _USER_DATASETS:
+        return _USER_DATASETS[name]()
     if name == "cifar10-sample":
         return load_jpeg_npz(path or SAMPLE_PATH, name=name, cache=False)
     if name == "cifar10-jpeg":
@@ -172,7 +208,12 @@ def load_dataset(name: str, path: str | None = None, data_dir: str | None = None
         return load_jpeg_npz(path, name=name)
     if name in ("cifar10", "cifar100"):
         return load_torchvision_cifar(name, data_dir, download)
-    raise UserError(f"unknown dataset {name!r}: use cifar10-sample, cifar10-jpeg, cifar10 or cifar100")
+    raise UserError(f"unknown dataset {name!r}: use one of {', '.join(dataset_names())} "
+                    "(or rolekd.data.register_dataset)")
+
+
+def dataset_names() -> list[str]:
+    return ["cifar10-sample", "cifar10-jpeg", "cifar10", "cifar100", *_USER_DATASETS]
 
 
 def reduced_split(train: Split, train_size: int = 4000, val_size: int = 46000,

@@ -127,7 +127,7 @@ def _figures(root: Path, stages: dict) -> list[str]:
         for ax, (d, members) in zip(axes[0], rewards.items()):
             for m, pts in sorted(members.items()):
                 pts = sorted(pts)
-                ax.plot([p[0] + 1 for p in pts], [100 * p[1] for p in pts], lw=1, alpha=0.8, label=f"member {m}")
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], lw=1, alpha=0.8, label=f"member {m}")
             ax.set_title(f"{d}: population rewards")
             ax.set_xlabel("epoch")
             ax.set_ylabel("validation accuracy (%)")

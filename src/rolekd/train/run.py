@@ -8,11 +8,13 @@ a different config for an existing directory is refused so nothing written is lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -61,7 +63,12 @@ def build_data(cfg: Config) -> DataBundle:
     key = (cfg.data.name, cfg.data.path, cfg.data.data_dir)
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = load_dataset(cfg.data.name, cfg.data.path, cfg.data.data_dir, cfg.data.download)
-    return _DATA_CACHE[key]
+    bundle = _DATA_CACHE[key]
+    if cfg.data.max_train or cfg.data.max_test:
+        bundle = dataclasses.replace(
+            bundle, train=bundle.train.subset(np.arange(min(cfg.data.max_train or len(bundle.train), len(bundle.train)))),
+            test=bundle.test.subset(np.arange(min(cfg.data.max_test or len(bundle.test), len(bundle.test)))))
+    return bundle
 
 
 def data_splits(cfg: Config, bundle: DataBundle) -> tuple[Split, dict[str, Split]]:

@@ -1,0 +1,98 @@
+"""The command line: a real training run, and bad input = one line on stderr, exit 2, nothing lost."""
+
+import json
+
+import pytest
+
+from rolekd.cli import main
+
+TINY = ["model=resnet_tiny", "train.progress=false", "data.max_train=512", "data.max_test=200",
+        "train.batch_size=64", "train.eval_batch_size=200"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    assert main(["train", *TINY, "epochs=2", f"out={out}"]) == 0
+    return out
+
+
+def test_train_writes_a_complete_run_and_reruns_as_finished(teacher_run, capsys):
+    for f in ("config.yaml", "metrics.jsonl", "metrics.csv", "model.safetensors", "result.json",
+              "checkpoint/state.pt", "checkpoint/model.safetensors"):
+        assert (teacher_run / f).is_file(), f
+    rows = [json.loads(x) for x in (teacher_run / "metrics.jsonl").read_text().splitlines()]
+    result = json.loads((teacher_run / "result.json").read_text())
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert result["test_acc"] == rows[-1]["test_acc"]
+    before = (teacher_run / "metrics.jsonl").read_text()
+    code, out, _ = run(capsys, "train", *TINY, "epochs=2", f"out={teacher_run}")
+    assert code == 0 and "already finished" in out
+    assert (teacher_run / "metrics.jsonl").read_text() == before
+
+
+def one_line_error(code, err, match):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rolekd: error:"), err
+    assert "Traceback" not in err
+    assert match in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "train.lrr=1"], "unknown key train.lrr"),
+    (["train", "model=resnet_huge"], "resnet_huge"),
+    (["train", "augment.schedule=/nonexistent/s.json"], "s.json"),
+    (["train", "data.name=cifar10-jpeg"], "data.path"),
+    (["distill", "method=iikd"], "teacher"),
+    (["distill", "teacher=/nonexistent/run"], "method"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, tmp_path, args, match):
+    code, _, err = run(capsys, args[0], *TINY, *args[1:], f"out={tmp_path / 'r'}")
+    one_line_error(code, err, match)
+
+
+def test_missing_config_file(capsys):
+    code, _, err = run(capsys, "train", "/nonexistent/config.yaml", *TINY)
+    one_line_error(code, err, "not found")
+
+
+def test_corrupt_schedule_and_foreign_checkpoint(capsys, tmp_path, teacher_run):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "rolekd-schedule", "version": 1, "policies": [[1, 2]]}')
+    code, _, err = run(capsys, "train", *TINY, f"augment.schedule={bad}", f"out={tmp_path / 'a'}")
+    one_line_error(code, err, "bad.json")
+    # a teacher checkpoint that does not fit the teacher model
+    code, _, err = run(capsys, "distill", *TINY, "method=soft", f"teacher={teacher_run}", "kd.teacher_model=wrn_10_1",
+                       "model=wrn_10_1", f"out={tmp_path / 'b'}")
+    one_line_error(code, err, "does not fit")
+    code, _, err = run(capsys, "distill", *TINY, "method=nope", f"teacher={teacher_run}", f"out={tmp_path / 'c'}")
+    one_line_error(code, err, "unknown KD method")
+    garbage = tmp_path / "t.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    code, _, err = run(capsys, "distill", *TINY, "method=soft", f"teacher={garbage}", f"out={tmp_path / 'd'}")
+    one_line_error(code, err, "not a readable safetensors")
+
+
+def test_other_config_in_existing_run_dir_is_refused_and_kept(capsys, teacher_run):
+    before = {p: p.read_bytes() for p in teacher_run.rglob("*") if p.is_file()}
+    code, _, err = run(capsys, "train", *TINY, "epochs=3", f"out={teacher_run}")
+    one_line_error(code, err, "different config")
+    assert {p: p.read_bytes() for p in teacher_run.rglob("*") if p.is_file()} == before
+
+
+def test_distill_low_bit_student_from_teacher(capsys, tmp_path, teacher_run):
+    out = tmp_path / "s"
+    code, _, err = run(capsys, "distill", *TINY, "method=soft", f"teacher={teacher_run}", "w_bits=4", "a_bits=4",
+                       "epochs=1", "train.optimizer=adam", "train.lr=0.001", f"out={out}")
+    assert code == 0, err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["train_kd_loss"] > 0 and rows[0]["train_lam"] == pytest.approx(0.4)
+    res = json.loads((out / "result.json").read_text())
+    assert (res["w_bits"], res["a_bits"], res["kd"]) == (4, 4, "soft")
