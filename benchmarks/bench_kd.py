@@ -74,14 +74,16 @@ def main():
         teacher = teacher.to(memory_format=torch.channels_last)
     rows = []
 
-    def student():
-        return quantize_model(copy.deepcopy(teacher), args.bits, args.bits).to(device)
+    pristine = copy.deepcopy(teacher)  # objectives freeze `teacher`; students start from an unfrozen copy
 
-    base = time_steps(copy.deepcopy(teacher), CrossEntropy(), x, y, device, amp, args.steps)
+    def student():
+        return quantize_model(copy.deepcopy(pristine), args.bits, args.bits).to(device)
+
+    base = time_steps(copy.deepcopy(pristine), CrossEntropy(), x, y, device, amp, args.steps)
     rows.append(("fp32 plain", base))
     rows.append((f"{args.bits}-bit plain", time_steps(student(), CrossEntropy(), x, y, device, amp, args.steps)))
     for m in args.methods:
-        t = copy.deepcopy(teacher) if m == "dml" else teacher
+        t = copy.deepcopy(pristine) if m == "dml" else teacher
         obj = build_kd_objective(m, t, prepare_epochs=1) if m in ("mhgd", "iikd") else build_kd_objective(m, t)
         if obj.needs_prepare:
             obj.prepare([torch.randn_like(x) for _ in range(2)], epochs=1)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from rolekd.errors import UserError
+from rolekd.models.common import PreActHead, init_conv_bn
 from rolekd.models.registry import register_family
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "PreResNet", "preresnet", "resolve_block"]
@@ -111,7 +112,7 @@ def resolve_block(family: str, depth: int, block: str | None) -> tuple[str, int]
     return kind, (depth - 2) // k
 
 
-class PreResNet(nn.Module):
+class PreResNet(PreActHead, nn.Module):
     """CIFAR pre-activation ResNet."""
 
     kd_taps = {"stage1": "layer1", "stage2": "layer2", "stage3": "layer3"}
@@ -131,23 +132,12 @@ class PreResNet(nn.Module):
                 units.append(unit(in_planes, planes, stride))
                 in_planes = planes * unit.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*units))
-        self.bn = nn.BatchNorm2d(in_planes)
-        self.relu = nn.ReLU(inplace=False)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.fc = nn.Linear(in_planes, num_classes)
-        self.num_features = in_planes
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self._build_head(in_planes, num_classes)
+        init_conv_bn(self, "fan_out")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        x = self.relu(self.bn(x))
-        return self.fc(self.flatten(self.avgpool(x)))
+        return self._head(x)
 
 
 @register_family(r"preresnet_?(\d+)", "preresnet<depth>",

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rolekd.models.preresnet import resolve_block
+from rolekd.models.common import PreActHead, init_conv_bn
 from rolekd.models.registry import register_family
 
 __all__ = ["PyramidBasicBlock", "PyramidBottleneck", "PyramidNet", "pyramidnet"]
@@ -90,7 +91,7 @@ class PyramidBottleneck(nn.Module):
 _BLOCKS = {"basic": PyramidBasicBlock, "bottleneck": PyramidBottleneck}
 
 
-class PyramidNet(nn.Module):
+class PyramidNet(PreActHead, nn.Module):
     """Additive PyramidNet for 32x32 inputs."""
 
     kd_taps = {"stage1": "layer1", "stage2": "layer2", "stage3": "layer3"}
@@ -113,24 +114,13 @@ class PyramidNet(nn.Module):
                 units.append(unit(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
                 in_planes = planes * unit.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*units))
-        self.bn = nn.BatchNorm2d(in_planes)
-        self.relu = nn.ReLU(inplace=False)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.fc = nn.Linear(in_planes, num_classes)
-        self.num_features = in_planes
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self._build_head(in_planes, num_classes)
+        init_conv_bn(self, "fan_out")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv1(x))
         x = self.layer3(self.layer2(self.layer1(x)))
-        x = self.relu(self.bn(x))
-        return self.fc(self.flatten(self.avgpool(x)))
+        return self._head(x)
 
 
 @register_family(r"pyramidnet_(\d+)_(\d+)", "pyramidnet_<depth>_<alpha>",

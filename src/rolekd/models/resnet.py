@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from rolekd.models.common import init_conv_bn
 from rolekd.models.registry import register_model
 
 __all__ = ["BasicBlock", "CifarResNet", "resnet18", "resnet_tiny"]
@@ -89,12 +90,7 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(in_planes, num_classes)
         self.num_features = in_planes
         # The authors' initialisers: variance scaling (He, fan-in) for convs, Xavier for the classifier.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self, "fan_in")
         nn.init.xavier_uniform_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 

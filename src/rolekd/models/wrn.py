@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from rolekd.errors import UserError
+from rolekd.models.common import PreActHead, init_conv_bn
 from rolekd.models.registry import register_family
 
 __all__ = ["WideBasicBlock", "WideResNet", "wrn"]
@@ -50,7 +51,7 @@ class WideBasicBlock(nn.Module):
         return out + shortcut
 
 
-class WideResNet(nn.Module):
+class WideResNet(PreActHead, nn.Module):
     """WRN-depth-width for 32x32 inputs."""
 
     kd_taps = {"stage1": "layer1", "stage2": "layer2", "stage3": "layer3"}
@@ -76,24 +77,13 @@ class WideResNet(nn.Module):
                 blocks.append(WideBasicBlock(in_planes, w, stride, dropout))
                 in_planes = w
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.bn = nn.BatchNorm2d(in_planes)
-        self.relu = nn.ReLU(inplace=False)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.fc = nn.Linear(in_planes, num_classes)
-        self.num_features = in_planes
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self._build_head(in_planes, num_classes)
+        init_conv_bn(self, "fan_out")
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        x = self.relu(self.bn(x))
-        return self.fc(self.flatten(self.avgpool(x)))
+        return self._head(x)
 
 
 @register_family(r"wrn_(\d+)_(\d+)", "wrn_<depth>_<width>",

@@ -83,8 +83,15 @@ def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class _QuantMixin:
+    """Adds ``w_bits`` / ``a_bits`` to a conv/linear layer class (parameter names unchanged)."""
+
     w_bits: int = FULL_PRECISION
     a_bits: int = FULL_PRECISION
+
+    def __init__(self, *args, w_bits: int = FULL_PRECISION, a_bits: int = FULL_PRECISION, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.w_bits = check_bits(w_bits, "w_bits")
+        self.a_bits = check_bits(a_bits, "a_bits")
 
     def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook
         return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}"
@@ -93,11 +100,6 @@ class _QuantMixin:
 class QConv2d(_QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` that quantizes its input activation, then its weight (same parameter names)."""
 
-    def __init__(self, *args, w_bits: int = FULL_PRECISION, a_bits: int = FULL_PRECISION, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.w_bits = check_bits(w_bits, "w_bits")
-        self.a_bits = check_bits(a_bits, "a_bits")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = quantize_activation(x, self.a_bits)
         return self._conv_forward(x, quantize_weight(self.weight, self.w_bits), self.bias)
@@ -105,11 +107,6 @@ class QConv2d(_QuantMixin, nn.Conv2d):
 
 class QLinear(_QuantMixin, nn.Linear):
     """``nn.Linear`` that quantizes its input activation, then its weight (same parameter names)."""
-
-    def __init__(self, *args, w_bits: int = FULL_PRECISION, a_bits: int = FULL_PRECISION, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.w_bits = check_bits(w_bits, "w_bits")
-        self.a_bits = check_bits(a_bits, "a_bits")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = quantize_activation(x, self.a_bits)

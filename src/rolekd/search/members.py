@@ -266,4 +266,6 @@ class LocalExecutor:
             m._leave_rng()
 
     def close(self) -> None:
+        for m in self.members.values():
+            m.trainer.objective.close()
         self.members.clear()

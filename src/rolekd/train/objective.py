@@ -51,6 +51,9 @@ class Objective:
     def state_dict(self) -> dict:
         return {}
 
+    def close(self) -> None:
+        """Release what the objective attached to shared modules (e.g. feature hooks on a teacher)."""
+
     def load_state_dict(self, state: dict) -> None:
         pass
 

@@ -186,7 +186,10 @@ def train_from_config(cfg: Config, run_dir: Path | None = None, log_name: str = 
         return result
     t0 = time.time()
     job = build_job(cfg, run_dir, log_name=log_name)
-    history = job.trainer.fit()
+    try:
+        history = job.trainer.fit()
+    finally:
+        job.trainer.objective.close()
     save_weights(job.trainer.model, run_dir / "model.safetensors", metadata={"model": cfg.model.name})
     last = history[-1]
     result = {"name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.name, "epochs": cfg.train.epochs,

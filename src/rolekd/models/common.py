@@ -1,0 +1,35 @@
+"""Pieces shared by the CIFAR families: the weight initialiser and the pre-activation head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def init_conv_bn(model: nn.Module, mode: str = "fan_out") -> None:
+    """He-normal convolutions (``mode`` fan_in or fan_out), BatchNorm at weight 1 / bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class PreActHead(nn.Module):
+    """Mixin for pre-activation nets: the final BN-ReLU, global average pool and classifier.
+
+    ``_build_head(channels, num_classes)`` registers ``bn``, ``relu``, ``avgpool``, ``flatten``, ``fc``
+    (in data-flow order, after the stages); ``_head(x)`` applies them.
+    """
+
+    def _build_head(self, channels: int, num_classes: int) -> None:
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=False)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(channels, num_classes)
+        self.num_features = channels
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.avgpool(self.relu(self.bn(x)))))
