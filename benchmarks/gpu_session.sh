@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session (device tool): carries .gpu/ (cifar10_jpeg.npz, a PBA schedule) and .whl/
+# Setup (once, in the checkout): mkdir -p .gpu .whl; cp ../shared/data/cifar10_jpeg.npz ../shared/fixtures/pba/rcifar10_16_wrn.txt .gpu/;
+#   pip download pydantic, pydantic_core, annotated_types, typing_inspection wheels for cp312 manylinux into .whl/
+#   (see the device README); then run it with carry [".gpu", ".whl"].
 # (pydantic wheels, absent from the GPU image). Results go to $OUT; each step has its own time limit.
 set -u
 export PYTHONUNBUFFERED=1

@@ -96,3 +96,21 @@ def test_distill_low_bit_student_from_teacher(capsys, tmp_path, teacher_run):
     assert rows[0]["train_kd_loss"] > 0 and rows[0]["train_lam"] == pytest.approx(0.4)
     res = json.loads((out / "result.json").read_text())
     assert (res["w_bits"], res["a_bits"], res["kd"]) == (4, 4, "soft")
+
+
+@pytest.mark.parametrize("method", ["dml", "rkd", "kdsvd", "mhgd", "iikd"])
+def test_every_kd_method_runs_through_distill(capsys, tmp_path, teacher_run, method):
+    out = tmp_path / method
+    teacher_bytes = (teacher_run / "model.safetensors").read_bytes()
+    code, _, err = run(capsys, "distill", *TINY, "data.max_train=128", f"method={method}", f"teacher={teacher_run}",
+                       "w_bits=2", "a_bits=2", "epochs=1", f"out={out}")
+    assert code == 0, err
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["train_kd_loss"] > 0 and not row.get("nonfinite")
+    # DML trains its own copy of the teacher; no method writes to the teacher's checkpoint
+    assert (teacher_run / "model.safetensors").read_bytes() == teacher_bytes
+
+
+def test_search_cli_needs_a_teacher_for_the_student_role(capsys, tmp_path):
+    code, _, err = run(capsys, "search", *TINY, "role=student", "method=soft", f"out={tmp_path / 's'}")
+    one_line_error(code, err, "teacher")
