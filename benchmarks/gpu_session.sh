@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU session (device tool): carries .gpu/ (cifar10_jpeg.npz, a PBA schedule) and .whl/
+# (pydantic wheels, absent from the GPU image). Results go to $OUT; each step has its own time limit.
 # Setup (once, in the checkout): mkdir -p .gpu .whl; cp ../shared/data/cifar10_jpeg.npz ../shared/fixtures/pba/rcifar10_16_wrn.txt .gpu/;
 #   pip download pydantic, pydantic_core, annotated_types, typing_inspection wheels for cp312 manylinux into .whl/
-#   (see the device README); then run it with carry [".gpu", ".whl"].
-# (pydantic wheels, absent from the GPU image). Results go to $OUT; each step has its own time limit.
+#   (see the device README); then run it with carry [".gpu", ".whl"]. `bash benchmarks/gpu_session.sh mini`
+#   runs only the pipeline (configs/gpu-mini.yaml) and returns its report as a tarball.
 set -u
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -11,6 +12,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/gpu.txt
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >> $OUT/gpu.txt
 step() { local t=$1; shift; local name=$1; shift; echo "== $name"; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?" >> "$OUT/$name.log"; tail -n 12 "$OUT/$name.log"; }
+if [ "${1:-}" = mini ]; then
+  step 540 gpu_mini python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz out=/tmp/gm
+  tar czf $OUT/gpu_mini.tar.gz --exclude=checkpoint --exclude='*.safetensors' --exclude=search_state -C /tmp gm
+  exit 0
+fi
 step 120 loader python3 benchmarks/bench_loader.py --device cuda --workers 8 --data-path .gpu/cifar10_jpeg.npz \
   --gpu-models resnet18 wrn_40_2 --batches 128 512 --steps 40 --out $OUT/loader.json
 step 100 augment python3 benchmarks/bench_augment.py --device cuda --batch 4096 --train-step --out $OUT/augment.json
@@ -18,3 +24,4 @@ step 120 train_smoke python3 -m rolekd.cli train model=resnet18 dataset=cifar10-
   epochs=2 out=/tmp/r18 train.progress=false augment.schedule=.gpu/rcifar10_16_wrn.txt augment.schedule_epochs=200
 step 120 compile python3 benchmarks/bench_loader.py --device cuda --data-path .gpu/cifar10_jpeg.npz \
   --gpu-models resnet18 --batches 512 --steps 40 --compile --out $OUT/compile.json
+step 120 kd python3 benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --out $OUT/kd.json
