@@ -56,7 +56,7 @@ def test_every_stage_ran_and_report_holds_their_numbers(micro):
         assert f"figures/{fig}" in report
     # the teacher was retrained with the searched schedule, the student from the teacher's weights
     tcfg = (root / "teacher" / "config.yaml").read_text()
-    assert "alpha_search/schedule.json" in tcfg and "multiplier: 1.0" in tcfg
+    assert "alpha_search/schedule.json" in tcfg and "fit_epochs: true" in tcfg
     scfg = (root / "student" / "config.yaml").read_text()
     assert "beta_search/schedule.json" in scfg and re.search(r"teacher: .*/teacher\n", scfg)
     # stage β's numbers are measured, with the verdict line computed from them

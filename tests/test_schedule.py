@@ -465,3 +465,15 @@ def test_cli_show_log_and_plot(tmp_path, shared_dir, capsys):
     fig = tmp_path / "fig.png"
     assert run_cli("schedule", "plot", log, "--epochs", "200", "-o", fig) == 0
     assert png_info(fig)[0] == (1200, 450)
+
+
+def test_fit_to_maps_a_search_onto_any_training_length():
+    from rolekd.augment.schedule import Schedule as S
+
+    pols = [[i] + [0] * 59 for i in range(6)]
+    s = S(pols)
+    # integer ratio: the same as PBA's multiplier
+    assert s.fit_to(12) == s.stretched(2)
+    # 6 searched epochs over 10: epoch e uses searched epoch floor(6 e / 10), every policy keeps its share
+    assert [p[0] for p in s.fit_to(10).policies] == [(6 * e) // 10 for e in range(10)]
+    assert [p[0] for p in s.fit_to(4).policies] == [0, 1, 3, 4]

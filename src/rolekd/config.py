@@ -75,7 +75,8 @@ class AugmentConfig(_Section):
     cutout: int = Field(16, ge=0)  # side of the base Cutout square, 0 = off
     schedule: str | None = None  # a schedule file (rolekd JSON, PBA log, Ray PBT log)
     schedule_epochs: int | None = Field(None, gt=0)  # search epochs of a log-format schedule
-    multiplier: float = Field(1.0, gt=0)
+    multiplier: float = Field(1.0, gt=0)  # PBA's stretch (segment lengths x multiplier, truncated)
+    fit_epochs: bool = False  # instead map the schedule proportionally onto train.epochs (Schedule.fit_to)
 
 
 class QuantConfig(_Section):

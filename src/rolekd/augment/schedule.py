@@ -156,6 +156,17 @@ class Schedule:
         meta["multiplier"] = meta.get("multiplier", 1) * multiplier
         return Schedule(_stretch(segs, len(self), multiplier), source=self.source, meta=meta)
 
+    def fit_to(self, epochs: int) -> "Schedule":
+        """Map the schedule proportionally onto ``epochs`` training epochs: training epoch ``e`` uses
+        the policy of epoch ``floor(e * len(self) / epochs)``. For an integer ratio this equals
+        :meth:`stretched`; unlike PBA's per-segment truncation it keeps every segment's share for
+        any ratio (e.g. a 6-epoch search over 10 or 4 training epochs)."""
+        epochs = _check_epochs(epochs, "fit_to")
+        n = len(self._policies)
+        meta = dict(self.meta)
+        meta["fitted_to"] = epochs
+        return Schedule([self._policies[e * n // epochs] for e in range(epochs)], source=self.source, meta=meta)
+
     # ---- constructors ---------------------------------------------------------------------
     @classmethod
     def constant(cls, vector: Sequence[int], epochs: int) -> "Schedule":

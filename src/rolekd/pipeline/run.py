@@ -48,8 +48,10 @@ def _role_config(cfg: Config, role: RoleConfig, stage: str, root: Path, *, searc
     if schedule is not None:
         d["augment"]["schedule"] = str(schedule)
         d["augment"]["schedule_epochs"] = None
-        # stretch the searched schedule over the (longer) retraining, as PBA's multiplier does
-        d["augment"]["multiplier"] = d["train"]["epochs"] / cfg.search.epochs
+        # map the searched schedule proportionally onto the retraining's epochs (PBA's multiplier for
+        # integer ratios, without its truncation for the others)
+        d["augment"]["multiplier"] = 1.0
+        d["augment"]["fit_epochs"] = True
     d["pipeline"] = {}
     return validate_config(d, f"pipeline stage {stage}")
 

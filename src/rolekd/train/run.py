@@ -94,6 +94,8 @@ def build_schedule(cfg: Config, epochs: int):
 
     sched = Schedule.load(cfg.augment.schedule, epochs=cfg.augment.schedule_epochs,
                           multiplier=cfg.augment.multiplier)
+    if cfg.augment.fit_epochs:
+        sched = sched.fit_to(epochs)
     return sched.vector_at
 
 
