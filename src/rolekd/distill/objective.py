@@ -262,15 +262,20 @@ class KDObjective(Objective):
         g_task = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
         g_kd = torch.autograd.grad(kd_w, params + extra, allow_unused=True)
         factor = self.clip_factor(epoch)
+        # tf.clip_by_norm per parameter, batched over all parameters (few kernel launches on a GPU)
+        pairs = [(p, gt, gk) for p, gt, gk in zip(params, g_task, g_kd[:len(params)]) if gk is not None]
         for p, gt, gk in zip(params, g_task, g_kd[:len(params)]):
-            if gk is not None:
-                bound = (torch.linalg.vector_norm(gt) if gt is not None else gk.new_zeros(())) * factor
-                norm = torch.linalg.vector_norm(gk)
-                gk = gk * (bound / torch.maximum(norm, bound).clamp_min(1e-30))  # tf.clip_by_norm
-                g = gk if gt is None else gt + gk
-            else:
-                g = gt
-            _accumulate(p, g)
+            if gk is None and gt is not None:
+                _accumulate(p, gt)
+        if pairs:
+            ps, gts, gks = zip(*pairs)
+            gts = [gt if gt is not None else torch.zeros_like(gk) for gt, gk in zip(gts, gks)]
+            bound = torch.stack(torch._foreach_norm(gts)) * factor
+            norm = torch.stack(torch._foreach_norm(list(gks)))
+            scale = bound / torch.maximum(norm, bound).clamp_min(1e-30)
+            grads = torch._foreach_add(gts, torch._foreach_mul(list(gks), list(scale.unbind())))
+            for p, g in zip(ps, grads):
+                _accumulate(p, g)
         for p, gk in zip(extra, g_kd[len(params):]):  # the distiller's own trainable parts: unclipped
             _accumulate(p, gk)
 
