@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from .base import Distiller, as_float, register
+from .soft import soft_label_loss
 
 
 def mutual_kl(logits: torch.Tensor, other_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """``T^2 KL(softmax(other/T) || softmax(logits/T))``, batch mean; ``other`` is detached."""
-    log_p = F.log_softmax(as_float(logits) / T, dim=1)
-    log_q = F.log_softmax(as_float(other_logits.detach()) / T, dim=1)
-    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * (T * T)
+    """``T^2 KL(softmax(other/T) || softmax(logits/T))``, batch mean; ``other`` is detached (the soft-label
+    loss with the other network as teacher, T = 1 by default as in DML)."""
+    return soft_label_loss(logits, other_logits, T)
 
 
 @register("dml")
