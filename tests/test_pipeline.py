@@ -104,3 +104,29 @@ def test_kill_at_any_point_and_rerun_completes_with_the_same_results(micro, tmp_
 
     for search in ("alpha_search", "beta_search"):
         assert Schedule.load(root / search / "schedule.json") == Schedule.load(ref_root / search / "schedule.json")
+
+
+def test_paper_numbers_appear_only_for_a_matching_setting(micro, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from rolekd.report import report as rep
+
+    _, root = micro
+    paper = tmp_path / "paper.yaml"
+    paper.write_text(yaml.safe_dump({"tables": {"table2": {"rows": [
+        {"model": "resnet_tiny", "dataset": "cifar10", "bits": 4, "row": "stage_beta", "acc": 12.34},
+        {"model": "resnet_tiny", "dataset": "cifar10", "bits": 2, "row": "only_kd", "acc": 56.78}]}}}))
+    monkeypatch.setattr(rep, "PAPER_FILE", paper)
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    text = rep.build_report(copy).read_text()
+    assert "12.34" not in text  # the bundled sample is not the official CIFAR-10: no paper number
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["data"]["name"] = "cifar10"
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    text = rep.build_report(copy).read_text()
+    beta_line = next(line for line in text.splitlines() if line.startswith("| stage β"))
+    assert "12.34 (table2)" in beta_line
+    assert "56.78" not in text  # 2-bit number, 4-bit run
