@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data import DataBundle, DeviceLoader
+from ..data import DataBundle, DeviceLoader, Split
 from ..errors import UserError
 
 _TEACHERS: dict[tuple, nn.Module] = {}
 _PREPARED: dict[tuple, dict] = {}
+_PREPARE_SEED = 7919  # shuffling of the batches a method's own parts are prepared on
 
 
 def load_teacher(cfg: Config, num_classes: int, device: torch.device) -> tuple[nn.Module, Path, str]:
@@ -48,19 +49,15 @@ class _Images:
         return (x for x, _ in self.loader)
 
 
-def kd_objective_from_config(cfg: Config, student: nn.Module, bundle: DataBundle, train_loader: DeviceLoader,
-                             device: torch.device):
-    """Build the KD objective of ``cfg.kd`` for ``student`` (initialised from the teacher when they share
-    an architecture and ``kd.init_from_teacher``)."""
+def kd_objective_from_config(cfg: Config, bundle: DataBundle, train_loader: DeviceLoader, device: torch.device):
+    """Build the KD objective of ``cfg.kd`` (the student's initialisation from the teacher is
+    :func:`rolekd.train.run.init_student_from_teacher`)."""
     from . import build_kd_objective, list_distillers
-    from ..train.checkpoint import load_weights
 
     kd = cfg.kd
     if kd.method not in list_distillers():
         raise UserError(f"unknown KD method {kd.method!r}: choose one of {', '.join(list_distillers())}")
-    teacher, weights, name = load_teacher(cfg, bundle.num_classes, device)
-    if kd.init_from_teacher and name == cfg.model.name:
-        load_weights(student, weights, what="teacher checkpoint")
+    teacher, weights, _ = load_teacher(cfg, bundle.num_classes, device)
     kwargs = dict(lam=kd.lam, lam_decay=kd.lam_decay, lam_decay_every=kd.lam_decay_every, clip=kd.clip,
                   clip_e0=kd.clip_e0)
     if kd.method == "soft":
@@ -71,20 +68,17 @@ def kd_objective_from_config(cfg: Config, student: nn.Module, bundle: DataBundle
         teacher = copy.deepcopy(teacher)  # DML trains its own copy of the teacher
     objective = build_kd_objective(kd.method, teacher, **kwargs)
     if objective.needs_prepare:
+        # it depends only on the teacher, the method and the data (its own fixed shuffling seed), so it is
+        # prepared once per process and shared, e.g. by all search members
         pkey = (str(weights.resolve()), weights.stat().st_mtime_ns, kd.method, kd.prepare_epochs,
-                cfg.data.name, cfg.data.split, cfg.data.train_size, str(device))
+                cfg.data.model_dump_json(), cfg.train.batch_size, str(device))
         if pkey in _PREPARED:
             objective.distiller.load_state_dict(_PREPARED[pkey])
         else:
-            prep = DeviceLoader(train_loader_split(train_loader), cfg.train.batch_size, bundle.mean, bundle.std,
-                                device, shuffle=True, seed=cfg.train.seed + 7919,
+            prep = DeviceLoader(Split(train_loader.images, train_loader.labels), cfg.train.batch_size, bundle.mean, bundle.std,
+                                device, shuffle=True, seed=_PREPARE_SEED,
                                 channels_last=train_loader.channels_last)
             objective.prepare(_Images(prep), epochs=kd.prepare_epochs)
             _PREPARED[pkey] = {k: v.detach().clone() for k, v in objective.distiller.state_dict().items()}
     return objective
 
-
-def train_loader_split(loader: DeviceLoader):
-    from ..data.datasets import Split
-
-    return Split(loader.images, loader.labels)

@@ -138,12 +138,12 @@ def build_job(cfg: Config, run_dir: Path | None = None, policy_for_epoch=None, o
     train_loader, eval_loaders = make_loaders(cfg, bundle, device, augment)
     if model is None:
         model = build_model(cfg, bundle.num_classes)
+    if objective is None and cfg.kd.teacher and cfg.kd.init_from_teacher:
+        init_student_from_teacher(cfg, model)
     if objective is None and cfg.kd.method:
         from ..distill.setup import kd_objective_from_config
 
-        objective = kd_objective_from_config(cfg, model, bundle, train_loader, device)
-    elif cfg.kd.teacher and cfg.kd.init_from_teacher and objective is None:
-        init_student_from_teacher(cfg, model)
+        objective = kd_objective_from_config(cfg, bundle, train_loader, device)
     trainer = Trainer(model, train_loader, cfg.train, eval_loaders, objective=objective,
                       policy_for_epoch=policy_for_epoch or build_schedule(cfg, cfg.train.epochs),
                       run_dir=run_dir, log_name=log_name)
