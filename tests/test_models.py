@@ -207,6 +207,23 @@ def test_resnet_act_in_feeds_both_branches():
     torch.testing.assert_close(a, b)  # nothing of the raw input reaches the output
 
 
+def test_quant_points_are_declared_in_data_flow_order():
+    """resnet/alexnet mark the authors' activation-quantisation points with parameter-free QuantPoints."""
+    from rolekd.models.common import QuantPoint
+    block = create("resnet_tiny").layer2[0]
+    assert [n for n, _ in block.named_children()] == ["act_in", "conv1", "bn1", "relu1", "act_mid", "conv2",
+                                                      "bn2", "shortcut", "relu2"]
+    assert type(block.act_in) is QuantPoint and type(block.act_mid) is QuantPoint
+    alex = create("alexnet")
+    assert [n for n, _ in alex.conv1.named_children()] == ["conv", "bn", "relu", "act", "pool"]
+    assert [n for n, _ in alex.conv3.named_children()] == ["conv", "bn", "relu", "act"]
+    assert [n for n, _ in alex.fc1.named_children()] == ["fc", "bn", "relu", "act"]
+    assert [n for n, _ in alex.fc2.named_children()] == ["fc", "bn", "relu"]  # fc's input stays fp
+    for model in (block, alex):
+        points = [m for m in model.modules() if isinstance(m, QuantPoint)]
+        assert points and not any(list(m.parameters()) or list(m.buffers()) for m in points)
+
+
 class _Zero(nn.Module):
     def forward(self, x):
         return torch.zeros_like(x)

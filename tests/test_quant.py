@@ -255,3 +255,220 @@ def test_model_zoo_resnet_tiny_quantizes_and_loads_teacher():
     with FeatureTaps(student) as taps:
         out = taps(torch.randn(2, 3, 32, 32))
     assert list(out.features) == list(teacher.kd_taps) and out.logits.shape == (2, 10)
+
+
+# ----------------------------------------------------------------------------- declared quantisation points
+# Manual references of the paper authors' DoReFa students (pba/kd/nets/ResNet.py), written from the
+# architecture with functional ops and parameterised by the quantizers: ``qa`` for activations, ``qw``
+# for weights (identity for the full-precision model, the numpy references for the student).
+def _np_qa(bits):
+    return lambda t: torch.from_numpy(np_act(t.detach().numpy(), bits))
+
+
+def _np_qw(bits):
+    return lambda w: torch.from_numpy(np_weight(w.detach().numpy(), bits))
+
+
+def _ident(t):
+    return t
+
+
+def _bn(t, m):
+    return F.batch_norm(t, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+
+def _randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) * 0.6 + 0.7)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.1)
+    return model
+
+
+def _resnet_block_ref(block, x, qa, qw, raw_shortcut=False):
+    """relu(bn2(conv2(Qa(relu(bn1(conv1(q)))))) + shortcut(q)) with q = Qa(x) (raw x if raw_shortcut)."""
+    q = qa(x)
+    h = F.relu(_bn(F.conv2d(q, qw(block.conv1.weight), stride=block.conv1.stride, padding=1), block.bn1))
+    h = _bn(F.conv2d(qa(h), qw(block.conv2.weight), padding=1), block.bn2)
+    s_in = x if raw_shortcut else q
+    if isinstance(block.shortcut, nn.Sequential):  # projection: 1x1 conv (quantized weight) + BN
+        conv, bn = block.shortcut
+        s = _bn(F.conv2d(qa(s_in), qw(conv.weight), stride=conv.stride), bn)
+    else:
+        s = s_in
+    return F.relu(h + s)
+
+
+def _resnet_ref(m, x, qa, qw):
+    h = F.relu(_bn(F.conv2d(x, m.conv1.weight, padding=1), m.bn1))  # full-precision stem
+    for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
+        for block in layer:
+            h = _resnet_block_ref(block, h, qa, qw)
+    return F.linear(F.adaptive_avg_pool2d(h, 1).flatten(1), m.fc.weight, m.fc.bias)  # fp classifier input
+
+
+def _alexnet_ref(m, x, qa, qw):
+    """Returns (logits, {conv2..conv5 block outputs}); Qa after each conv block's ReLU and fc1's ReLU."""
+    feats, h = {}, x
+    for i, pool in ((1, True), (2, True), (3, False), (4, False), (5, True)):
+        blk = getattr(m, f"conv{i}")
+        w = blk.conv.weight if i == 1 else qw(blk.conv.weight)  # conv1 stays full precision
+        h = qa(F.relu(_bn(F.conv2d(h, w, padding=blk.conv.kernel_size[0] // 2), blk.bn)))
+        if pool:
+            h = F.max_pool2d(h, 2, 2)
+        feats[f"conv{i}"] = h
+    h = h.flatten(1)
+    h = qa(F.relu(_bn(F.linear(h, qw(m.fc1.fc.weight)), m.fc1.bn)))
+    h = F.relu(_bn(F.linear(h, qw(m.fc2.fc.weight)), m.fc2.bn))  # not quantized after fc2
+    return F.linear(h, m.fc.weight), feats
+
+
+def _on_grid(t, bits):
+    n = 2 ** bits - 1
+    return bool(((t >= 0) & (t <= 1)).all() and ((t * n - torch.round(t * n)).abs() < 1e-6).all())
+
+
+@pytest.fixture(scope="module")
+def resnet_tiny64():
+    from rolekd.models import create
+    torch.manual_seed(0)
+    return _randomize_bn(create("resnet_tiny").double()).eval()
+
+
+@pytest.fixture(scope="module")
+def alexnet64():
+    from rolekd.models import create
+    torch.manual_seed(0)
+    return _randomize_bn(create("alexnet").double()).eval()
+
+
+@pytest.mark.parametrize("path", ["layer1.0", "layer2.0"])  # identity / projection shortcut
+def test_resnet_block_quantizes_its_input_before_both_branches(resnet_tiny64, path):
+    teacher = resnet_tiny64
+    student = quantize_model(teacher, 4, 2).eval()
+    t_block, s_block = teacher.get_submodule(path), student.get_submodule(path)
+    assert isinstance(t_block.shortcut, nn.Identity) == (path == "layer1.0")
+    torch.manual_seed(1)
+    x = torch.rand(2, t_block.conv1.in_channels, 8, 8, dtype=torch.float64) * 1.6 - 0.3
+    with torch.no_grad():
+        out = s_block(x)
+        ref = _resnet_block_ref(t_block, x, _np_qa(2), _np_qw(4))
+        old = _resnet_block_ref(t_block, x, _np_qa(2), _np_qw(4), raw_shortcut=True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    if path == "layer1.0":  # an identity shortcut adds Q(x), not the raw x
+        assert not torch.allclose(out, old, atol=1e-3)
+
+
+def test_quantized_resnet_tiny_matches_manual_forward(resnet_tiny64):
+    student = quantize_model(resnet_tiny64, 4, 2).eval()
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), _resnet_ref(resnet_tiny64, x, _np_qa(2), _np_qw(4)),
+                                   rtol=1e-9, atol=1e-9)
+
+
+def test_quantized_alexnet_matches_manual_forward_and_taps_are_on_the_grid(alexnet64):
+    student = quantize_model(alexnet64, 4, 2).eval()
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad(), FeatureTaps(student) as taps:
+        out = taps(x)
+        ref_logits, ref_feats = _alexnet_ref(alexnet64, x, _np_qa(2), _np_qw(4))
+    torch.testing.assert_close(out.logits, ref_logits, rtol=1e-9, atol=1e-9)
+    assert list(out.features) == ["conv2", "conv3", "conv4", "conv5"]
+    for name, f in out.features.items():
+        torch.testing.assert_close(f, ref_feats[name], rtol=1e-9, atol=1e-9)
+        assert _on_grid(f, 2), name  # the KD-tapped student features are the quantized ones
+        assert len(f.unique()) > 1, name
+    assert not _on_grid(out.embedding, 2)  # fc2's output (fc's input) is left in full precision
+    with torch.no_grad(), FeatureTaps(alexnet64) as taps:
+        fp = taps(x)
+    assert not any(_on_grid(f, 2) for f in fp.features.values())
+
+
+def test_full_precision_models_are_unchanged_by_the_quant_points(resnet_tiny64, alexnet64):
+    from rolekd.models.common import QuantPoint
+    qp = QuantPoint()
+    x = torch.randn(3, 4)
+    assert qp(x) is x and not list(qp.parameters()) and not list(qp.buffers())
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(resnet_tiny64(x), _resnet_ref(resnet_tiny64, x, _ident, _ident),
+                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(alexnet64(x), _alexnet_ref(alexnet64, x, _ident, _ident)[0],
+                                   rtol=1e-12, atol=1e-12)
+        # 32 bits: the quantized copy computes the full-precision function
+        assert torch.equal(quantize_model(resnet_tiny64, 32, 32)(x), resnet_tiny64(x))
+
+
+def test_declared_points_replace_layer_input_quantisation(resnet_tiny64, alexnet64, monkeypatch):
+    from rolekd.models import create
+    from rolekd.models.common import QuantPoint
+    from rolekd.quant import ActQuant
+    from rolekd.quant import dorefa
+
+    r = quantize_model(resnet_tiny64, 4, 3)
+    acts = {n: m for n, m in r.named_modules() if isinstance(m, ActQuant)}
+    assert list(acts) == [f"layer{i}.0.{p}" for i in range(1, 5) for p in ("act_in", "act_mid")]
+    assert all(type(m) is ActQuant and m.a_bits == 3 for m in acts.values())
+    assert not any(isinstance(m, QuantPoint) for m in r.modules())
+    qconvs = [m for m in r.modules() if isinstance(m, QConv2d)]
+    assert len(qconvs) == 4 * 2 + 3 and all(not m.quantize_input for m in qconvs)
+    assert "quantize_input=False" in repr(qconvs[0]) and "a_bits=3" in repr(next(iter(acts.values())))
+    a = quantize_model(alexnet64, 4, 2)
+    assert [n for n, m in a.named_modules() if isinstance(m, ActQuant)] == \
+        ["conv1.act", "conv2.act", "conv3.act", "conv4.act", "conv5.act", "fc1.act"]
+    assert all(not m.quantize_input for m in a.modules() if isinstance(m, (QConv2d, QLinear)))
+    # the teacher is untouched: its points are still identities
+    assert sum(type(m) is QuantPoint for m in resnet_tiny64.modules()) == 8
+
+    # Activations are quantized exactly once per declared point in a forward, nowhere else.
+    calls = []
+    real = dorefa.quantize_activation
+    monkeypatch.setattr(dorefa, "quantize_activation", lambda x, bits: calls.append(bits) or real(x, bits))
+    with torch.no_grad():
+        r(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    assert calls == [3] * 8
+
+    # Models without QuantPoints keep quantizing the input of every quantized layer.
+    for model in (create("wrn_10_1"), SmallNet()):
+        q = quantize_model(model, 4, 3)
+        layers = [m for m in q.modules() if isinstance(m, (QConv2d, QLinear))]
+        assert layers and all(m.quantize_input and m.a_bits == 3 for m in layers)
+        assert not any(isinstance(m, ActQuant) for m in q.modules())
+    calls.clear()
+    with torch.no_grad():
+        q(torch.randn(1, 3, 8, 8))
+    assert calls == [3] * 6  # SmallNet: one per inner conv
+
+
+def test_requantizing_a_quantized_copy_takes_the_new_bits(resnet_tiny64):
+    from rolekd.quant import ActQuant
+    q1 = quantize_model(resnet_tiny64, 4, 2)
+    q2 = quantize_model(q1, 3, 4)
+    assert all(m.a_bits == 2 for m in q1.modules() if isinstance(m, ActQuant))  # q1 untouched
+    acts = [m for m in q2.modules() if isinstance(m, ActQuant)]
+    assert len(acts) == 8 and all(type(m) is ActQuant and m.a_bits == 4 for m in acts)
+    assert all(type(m) is QConv2d and (m.w_bits, m.a_bits, m.quantize_input) == (3, 4, False)
+               for m in q2.modules() if isinstance(m, QConv2d))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(q2.eval()(x), quantize_model(resnet_tiny64, 3, 4).eval()(x), rtol=0, atol=0)
+        assert torch.equal(quantize_model(q1, 32, 32).eval()(x), resnet_tiny64(x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "alexnet"])
+def test_zoo_state_dict_keys_unchanged_and_load_strictly(name):
+    from rolekd.models import create
+    teacher = create(name)
+    student = quantize_model(teacher, 2, 2)
+    assert list(student.state_dict()) == list(teacher.state_dict())
+    student.load_state_dict(teacher.state_dict(), strict=True)
+    teacher.load_state_dict(student.state_dict(), strict=True)

@@ -20,7 +20,7 @@ from ..errors import UserError
 
 _TEACHERS: dict[tuple, nn.Module] = {}
 _PREPARED: dict[tuple, dict] = {}
-_PREPARE_SEED = 7919  # shuffling of the batches a method's own parts are prepared on
+_PREPARE_SEED = 7919  # RNG of a method's own preparation (batch shuffling, initialisation, dropout)
 
 
 def load_teacher(cfg: Config, num_classes: int, device: torch.device) -> tuple[nn.Module, Path, str]:
@@ -78,7 +78,12 @@ def kd_objective_from_config(cfg: Config, bundle: DataBundle, train_loader: Devi
             prep = DeviceLoader(Split(train_loader.images, train_loader.labels), cfg.train.batch_size, bundle.mean, bundle.std,
                                 device, shuffle=True, seed=_PREPARE_SEED,
                                 channels_last=train_loader.channels_last)
-            objective.prepare(_Images(prep), epochs=kd.prepare_epochs)
+            # its own RNG too (attention initialisation, dropout): the same result whether it is prepared
+            # here or reused from an earlier stage of the same process, e.g. after a resume
+            cuda = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+                torch.manual_seed(_PREPARE_SEED)
+                objective.prepare(_Images(prep), epochs=kd.prepare_epochs)
             _PREPARED[pkey] = {k: v.detach().clone() for k, v in objective.distiller.state_dict().items()}
     return objective
 

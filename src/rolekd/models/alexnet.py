@@ -21,16 +21,20 @@ As in the authors' code no conv or linear layer has a bias (each is followed by 
 classifier ``fc`` included: 36,041,664 + 4096 * num_classes parameters
 (36,082,624 for 10 classes).
 
-KD taps: each ``convK`` block is an ``nn.Sequential`` (``conv``, ``bn``, ``relu``[, ``pool``]) whose
-output is post-ReLU (post-pool where there is one). The authors distil four features - after
+KD taps: each ``convK`` block is an ``nn.Sequential`` (``conv``, ``bn``, ``relu``, ``act``[, ``pool``])
+whose output is post-ReLU (post-pool where there is one). The authors distil four features - after
 conv2 (pooled), conv3, conv4 and conv5 (pooled); conv1's output is not one of them - so by default
 ``kd_taps`` is ``conv2..conv5``; ``create("alexnet", tap_conv1=True)`` adds ``conv1`` in front.
 The embedding is the input of ``fc`` (the 4096-d output of ``fc2``).
 
 Quantisation points of the authors' DoReFa student: ``fa(clip(x, 0, 1))`` right after the ReLU of
 every conv block (before its pool; max-pool commutes with the monotone quantiser) and after the
-ReLU of ``fc1``, but not after ``fc2``'s ReLU (``fc`` sees full-precision input); the tapped
-student features are the quantised ones. Weights: all quantised except ``conv1.conv`` and ``fc``.
+ReLU of ``fc1``, but not after ``fc2``'s ReLU (``fc`` sees full-precision input). Each point is a
+:class:`~rolekd.models.common.QuantPoint` module named ``act`` (``convK.act``, ``fc1.act``): an
+identity in the full-precision model, an activation quantiser in the copy made by
+:func:`rolekd.quant.quantize_model`, which then quantizes activations only there (the quantized
+layers do not quantize their own input again). The tapped student features (block outputs) are
+therefore the quantised ones. Weights: all quantised except ``conv1.conv`` and ``fc``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from rolekd.models.common import QuantPoint
 from rolekd.models.registry import register_model
 
 __all__ = ["AlexNetCifar", "alexnet"]
@@ -48,16 +53,20 @@ __all__ = ["AlexNetCifar", "alexnet"]
 def _conv_block(cin: int, cout: int, k: int, pool: bool) -> nn.Sequential:
     layers = [("conv", nn.Conv2d(cin, cout, k, 1, k // 2, bias=False)),
               ("bn", nn.BatchNorm2d(cout)),
-              ("relu", nn.ReLU(inplace=False))]
+              ("relu", nn.ReLU(inplace=False)),
+              ("act", QuantPoint())]
     if pool:
         layers.append(("pool", nn.MaxPool2d(2, 2)))
     return nn.Sequential(OrderedDict(layers))
 
 
-def _fc_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(OrderedDict([("fc", nn.Linear(cin, cout, bias=False)),
-                                      ("bn", nn.BatchNorm1d(cout)),
-                                      ("relu", nn.ReLU(inplace=False))]))
+def _fc_block(cin: int, cout: int, quantize_output: bool) -> nn.Sequential:
+    layers = [("fc", nn.Linear(cin, cout, bias=False)),
+              ("bn", nn.BatchNorm1d(cout)),
+              ("relu", nn.ReLU(inplace=False))]
+    if quantize_output:
+        layers.append(("act", QuantPoint()))
+    return nn.Sequential(OrderedDict(layers))
 
 
 class AlexNetCifar(nn.Module):
@@ -74,8 +83,8 @@ class AlexNetCifar(nn.Module):
         self.conv4 = _conv_block(384, 256, 3, pool=False)
         self.conv5 = _conv_block(256, 256, 3, pool=True)
         self.flatten = nn.Flatten(1)
-        self.fc1 = _fc_block(256 * 4 * 4, 4096)
-        self.fc2 = _fc_block(4096, 4096)
+        self.fc1 = _fc_block(256 * 4 * 4, 4096, quantize_output=True)
+        self.fc2 = _fc_block(4096, 4096, quantize_output=False)  # the authors leave fc's input unquantised
         self.fc = nn.Linear(4096, num_classes, bias=False)
         self.num_features = 4096
         if tap_conv1:

@@ -1,4 +1,5 @@
-"""Pieces shared by the CIFAR families: the weight initialiser and the pre-activation head."""
+"""Pieces shared by the CIFAR families: the weight initialiser, the pre-activation head and the
+activation-quantisation marker :class:`QuantPoint`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,16 @@ def init_conv_bn(model: nn.Module, mode: str = "fan_out") -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class QuantPoint(nn.Identity):
+    """Activation-quantisation point: identity in full precision; :func:`rolekd.quant.quantize_model`
+    turns it into an activation quantiser.
+
+    A model that registers ``QuantPoint`` modules declares *where* a low-bit copy quantizes its
+    activations (and nowhere else). It has no parameters or buffers, so ``state_dict`` keys do not
+    change and weights load strictly between a full-precision model and its quantized copy.
+    """
 
 
 class PreActHead(nn.Module):

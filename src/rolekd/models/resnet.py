@@ -15,13 +15,16 @@ Architecture (the CIFAR variant used by the paper authors' ``ResNet18`` in
 KD taps: ``stage1..stage4`` = output of the last block of each stage (post-ReLU), as in the
 authors' ``feat`` collection; the embedding is the input of ``fc`` (the pooled 512-d vector).
 
-Quantisation points of the authors' DoReFa student (for the quantiser): inside each block the
-activation quantiser ``fa(clip(x, 0, 1))`` is applied (1) to the *block input*, before it feeds
-both the residual branch and the shortcut (identity or projection) - the placeholder module
-``act_in`` (an ``nn.Identity``) marks that point - and (2) after ``relu1``, before ``conv2``. The
-block output (``relu2``, the tapped feature) is *not* quantised there; it is quantised by the next
-block's ``act_in``; the last block's output goes to the pool and ``fc`` unquantised. Weights of
-every conv are quantised except the stem ``conv1``; ``fc`` is not quantised.
+Quantisation points of the authors' DoReFa student: inside each block the activation quantiser
+``fa(clip(x, 0, 1))`` is applied (1) to the *block input*, before it feeds both the residual branch
+and the shortcut (identity or projection), so an identity shortcut adds the *quantised* input -
+module ``act_in`` - and (2) after ``relu1``, before ``conv2`` - module ``act_mid``. Both are
+:class:`~rolekd.models.common.QuantPoint` markers: identities in the full-precision model (which
+computes a plain ResNet), turned into activation quantisers by :func:`rolekd.quant.quantize_model`,
+which then quantizes activations only there (the quantized convs do not quantize their own input
+again). The block output (``relu2``, the tapped feature) is *not* quantised in its block; it is
+quantised by the next block's ``act_in``; the last block's output goes to the pool and ``fc``
+unquantised. Weights of every conv are quantised except the stem ``conv1``; ``fc`` is not quantised.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rolekd.models.common import init_conv_bn
+from rolekd.models.common import QuantPoint, init_conv_bn
 from rolekd.models.registry import register_model
 
 __all__ = ["BasicBlock", "CifarResNet", "resnet18", "resnet_tiny"]
@@ -42,10 +45,11 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
         super().__init__()
-        self.act_in = nn.Identity()  # activation-quantisation point of the block input
+        self.act_in = QuantPoint()  # activation-quantisation point of the block input (both branches)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu1 = nn.ReLU(inplace=False)
+        self.act_mid = QuantPoint()  # activation-quantisation point before conv2
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         if stride != 1 or in_planes != planes:
@@ -57,7 +61,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act_in(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.act_mid(self.relu1(self.bn1(self.conv1(x))))
         out = self.bn2(self.conv2(out))
         return self.relu2(out + self.shortcut(x))
 

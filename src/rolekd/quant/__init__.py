@@ -2,8 +2,10 @@
 
 from .dorefa import (
     FULL_PRECISION,
+    ActQuant,
     QConv2d,
     QLinear,
+    activation_points,
     check_bits,
     full_precision_layers,
     quantizable_layers,
@@ -14,6 +16,7 @@ from .dorefa import (
 )
 
 __all__ = [
-    "FULL_PRECISION", "QConv2d", "QLinear", "check_bits", "full_precision_layers", "quantizable_layers",
-    "quantize_activation", "quantize_model", "quantize_weight", "uniform_quantize",
+    "FULL_PRECISION", "ActQuant", "QConv2d", "QLinear", "activation_points", "check_bits",
+    "full_precision_layers", "quantizable_layers", "quantize_activation", "quantize_model",
+    "quantize_weight", "uniform_quantize",
 ]

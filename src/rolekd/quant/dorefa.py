@@ -17,8 +17,18 @@ Definitions (``n = 2**k - 1``, ``Q(r) = round(n * r) / n`` with the gradient of 
 
 :func:`quantize_model` returns a low-bit copy of a model: every ``nn.Conv2d``/``nn.Linear`` except the
 first conv and the last linear layer becomes a :class:`QConv2d`/:class:`QLinear`, which quantizes its
-*input activation* and then its *weight*. Parameter names are unchanged, so ``state_dict`` keys are
-identical and a full-precision teacher's weights load into the student with ``strict=True``.
+*weight*. Where activations are quantized depends on the model:
+
+* a model that declares activation-quantisation points - :class:`rolekd.models.common.QuantPoint`
+  modules (identities in full precision), as ``resnet18``/``resnet_tiny`` and ``alexnet`` do to follow
+  the paper authors' code - gets its activations quantized *exactly at those points and nowhere else*:
+  each ``QuantPoint`` becomes an :class:`ActQuant`, and the quantized layers do not quantize their
+  input (``quantize_input=False``), so no activation is quantized twice;
+* a model without ``QuantPoint`` modules (``wrn_*``, ``preresnet*``, ``pyramidnet_*``, users' models)
+  gets the *input activation* of every quantized layer quantized (``quantize_input=True``).
+
+Parameter names are unchanged and :class:`ActQuant` has no parameters or buffers, so ``state_dict``
+keys are identical and a full-precision teacher's weights load into the student with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..models.common import QuantPoint
 
 FULL_PRECISION = 32
 
@@ -83,37 +94,72 @@ def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class _QuantMixin:
-    """Adds ``w_bits`` / ``a_bits`` to a conv/linear layer class (parameter names unchanged)."""
+    """Adds ``w_bits`` / ``a_bits`` / ``quantize_input`` to a conv/linear layer class (parameter names
+    unchanged). With ``quantize_input=False`` the input activation is left as it is (the model
+    quantizes activations at its own :class:`~rolekd.models.common.QuantPoint` modules)."""
 
     w_bits: int = FULL_PRECISION
     a_bits: int = FULL_PRECISION
+    quantize_input: bool = True
 
-    def __init__(self, *args, w_bits: int = FULL_PRECISION, a_bits: int = FULL_PRECISION, **kwargs):
+    def __init__(self, *args, w_bits: int = FULL_PRECISION, a_bits: int = FULL_PRECISION,
+                 quantize_input: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.w_bits = check_bits(w_bits, "w_bits")
         self.a_bits = check_bits(a_bits, "a_bits")
+        self.quantize_input = bool(quantize_input)
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_activation(x, self.a_bits) if self.quantize_input else x
 
     def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook
-        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}"
+        return (f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}, "
+                f"quantize_input={self.quantize_input}")
 
 
 class QConv2d(_QuantMixin, nn.Conv2d):
-    """``nn.Conv2d`` that quantizes its input activation, then its weight (same parameter names)."""
+    """``nn.Conv2d`` that quantizes its input activation (if ``quantize_input``), then its weight
+    (same parameter names)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = quantize_activation(x, self.a_bits)
+        x = self._quantize_input(x)
         return self._conv_forward(x, quantize_weight(self.weight, self.w_bits), self.bias)
 
 
 class QLinear(_QuantMixin, nn.Linear):
-    """``nn.Linear`` that quantizes its input activation, then its weight (same parameter names)."""
+    """``nn.Linear`` that quantizes its input activation (if ``quantize_input``), then its weight
+    (same parameter names)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = quantize_activation(x, self.a_bits)
+        x = self._quantize_input(x)
         return F.linear(x, quantize_weight(self.weight, self.w_bits), self.bias)
 
 
+class ActQuant(nn.Module):
+    """DoReFa activation quantiser ``Q(clip(x, 0, 1))`` as a module (no parameters or buffers);
+    :func:`quantize_model` turns each :class:`~rolekd.models.common.QuantPoint` into one."""
+
+    a_bits: int = FULL_PRECISION
+
+    def __init__(self, a_bits: int = FULL_PRECISION):
+        super().__init__()
+        self.a_bits = check_bits(a_bits, "a_bits")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_activation(x, self.a_bits)
+
+    def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook
+        return f"a_bits={self.a_bits}"
+
+
 _SWAP = {nn.Conv2d: QConv2d, nn.Linear: QLinear, QConv2d: QConv2d, QLinear: QLinear}
+_ACT_POINTS = (QuantPoint, ActQuant)
+
+
+def activation_points(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of every declared activation-quantisation point (a
+    :class:`~rolekd.models.common.QuantPoint`, or an :class:`ActQuant` of an already quantized copy)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _ACT_POINTS)]
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -139,13 +185,19 @@ def quantize_model(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
     """A DoReFa low-bit deep copy of ``model`` (the input is not modified).
 
     Every ``nn.Conv2d``/``nn.Linear`` except the first conv and the last linear layer becomes a
-    :class:`QConv2d`/:class:`QLinear` with the given bits; module paths and parameter names are kept, so
-    ``kd_taps``/``kd_embedding`` and ``state_dict`` keys are unchanged. The copy records ``w_bits`` and
-    ``a_bits`` as attributes. Bits must be 1..8 or 32 (:class:`UserError` otherwise).
+    :class:`QConv2d`/:class:`QLinear` with the given bits. If the model declares activation-quantisation
+    points (:class:`~rolekd.models.common.QuantPoint` modules), each becomes an :class:`ActQuant` with
+    ``a_bits`` and the quantized layers get ``quantize_input=False``: activations are quantized exactly
+    at the declared points. Otherwise every quantized layer quantizes its input (``quantize_input=True``).
+    Module paths and parameter names are kept, so ``kd_taps``/``kd_embedding`` and ``state_dict`` keys
+    are unchanged. An already quantized copy can be quantized again (its layers and :class:`ActQuant`
+    modules take the new bits). The copy records ``w_bits`` and ``a_bits`` as attributes. Bits must be
+    1..8 or 32 (:class:`UserError` otherwise).
     """
     w_bits = check_bits(w_bits, "w_bits")
     a_bits = check_bits(a_bits, "a_bits")
     q = copy.deepcopy(model)
+    points = activation_points(q)
     first, last = full_precision_layers(q)
     for name, m in quantizable_layers(q):
         if name in (first, last):
@@ -157,5 +209,12 @@ def quantize_model(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
         # Re-class in place (on the copy): parameters, buffers and hooks stay exactly as they are.
         m.__class__ = cls
         m.w_bits, m.a_bits = w_bits, a_bits
+        m.quantize_input = not points  # declared points quantize activations; never twice
+    for name, m in points:
+        if type(m) not in _ACT_POINTS:
+            raise UserError(f"cannot quantize {name!r}: {type(m).__name__} is a custom subclass of "
+                            f"QuantPoint; use QuantPoint itself to mark activation-quantisation points")
+        m.__class__ = ActQuant
+        m.a_bits = a_bits
     q.w_bits, q.a_bits = w_bits, a_bits
     return q
