@@ -15,6 +15,7 @@ from rolekd.distill import (
     KDObjective,
     build_kd_objective,
     create_distiller,
+    feature_matrix,
     kdsvd_loss,
     list_distillers,
     rkd_loss,
@@ -154,9 +155,11 @@ def test_rkd_gradient_only_student_zero_when_equal_and_finite_on_duplicates():
 
 
 # ----------------------------------------------------------------------------- svd helpers
+@pytest.mark.parametrize("solver", ["eigh", "subspace"])
 @pytest.mark.parametrize("shape", [(3, 12, 5), (3, 4, 9), (2, 6, 6), (2, 50, 36), (2, 34, 60)])
-def test_top_right_singular_gradient_matches_torch_svd(shape):
-    """Small Gram matrices go through eigh, large ones (36, 34 > 32) through subspace iteration."""
+def test_top_right_singular_gradient_matches_torch_svd(shape, solver):
+    """Both solvers (full spectrum + eigenbasis backward; subspace iteration + complex solve) give
+    torch.linalg.svd's vectors, values and gradients (the smallest Gram matrices always use eigh)."""
     torch.manual_seed(2)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     a = torch.randn(shape[0], shape[2], 1, dtype=torch.float64)
@@ -164,7 +167,7 @@ def test_top_right_singular_gradient_matches_torch_svd(shape):
     def sign_free(v):  # invariant to each vector's sign
         return ((v * a).sum(1) ** 2).sum() + (v ** 4).sum()
 
-    v, s = top_right_singular(x, 2, eps=1e-9)
+    v, s = top_right_singular(x, 2, eps=1e-9, solver=solver)
     g, = torch.autograd.grad(sign_free(v), x)
     _, s_ref, vh = torch.linalg.svd(x, full_matrices=False)
     v_ref = vh.transpose(-1, -2)[..., :2]
@@ -257,6 +260,18 @@ def degenerate_maps(n, c, h, w):
     rank1 = torch.outer(torch.ones(hw), torch.arange(1.0, c + 1)).t().reshape(c, h, w).expand(n, c, h, w).clone()
     return [("zero", torch.zeros(n, c, h, w)), ("const", torch.full((n, c, h, w), 0.7)),
             ("repeated", rep), ("rank1", rank1)]
+
+
+@pytest.mark.parametrize("solver", ["eigh", "subspace"])
+def test_top_right_singular_finite_on_degenerate_matrices_with_both_solvers(solver):
+    """40 channels: large enough for the subspace solver (block of 4 + 8 < 40)."""
+    n, hw, c = 2, 8 * 8, 40
+    for name, f in degenerate_maps(n, c, 8, 8):
+        x = feature_matrix(f).clone().requires_grad_(True)
+        v, s = top_right_singular(x, 4, solver=solver)
+        (v.sum() + (v ** 2 * torch.arange(1.0, 5.0)).sum()).backward()
+        assert torch.isfinite(v).all() and torch.isfinite(s).all(), name
+        assert torch.isfinite(x.grad).all(), name
 
 
 @pytest.mark.parametrize("method", ["kdsvd", "mhgd", "iikd"])

@@ -22,12 +22,17 @@ What we take from upstream:
   channel vectors without pooling or resizing. Teacher and student must have the *same channel count*
   at each tap (upstream uses the same widths; we raise :class:`~rolekd.errors.UserError` otherwise).
 
-How we compute it (our own): only the top few eigenpairs are needed, so Gram matrices larger than
-32 x 32 use batched subspace iteration + Rayleigh-Ritz (CUDA's ``eigh`` loops over the batch there and
-made a ResNet18 KD-SVD step ~20x slower than plain training); smaller ones use ``torch.linalg.eigh``.
-The backward of an eigenvector needs no full spectrum: ``dv_i = (l_i I - G)^+ dG v_i`` is applied as
-``Re[(l_i I - G + i tau I)^-1]`` (one complex128 solve), i.e. ``d / (d^2 + tau^2)`` per eigen-direction
-with ``d = l_i - l_j`` and ``tau = eps * l_max``: ``~1/d`` for separated eigenvalues, 0 for equal ones.
+How we compute it (our own): the derivative of an eigenvector, ``dv_i = (l_i I - G)^+ dG v_i``, is
+regularised to ``d / (d^2 + tau^2)`` per eigen-direction (``d = l_i - l_j``, ``tau = eps * l_max``):
+``~1/d`` for separated eigenvalues, 0 for equal ones. Two solvers compute the same thing:
+
+* ``eigh``: the full spectrum by ``torch.linalg.eigh`` in float64; the backward is then a few small
+  matrix products in that eigenbasis. Used on the CPU (LAPACK) up to 256 x 256 Gram matrices, and on
+  CUDA up to 32 x 32 (batched Jacobi);
+* ``subspace``: only the top few eigenpairs, by batched subspace iteration + Rayleigh-Ritz; the
+  backward applies ``Re[(l_i I - G + i tau I)^-1]`` by one complex128 solve per vector, with no full
+  spectrum. Used for larger matrices, and on CUDA above 32 x 32, where ``eigh`` loops over the batch
+  (it made a ResNet18 KD-SVD step ~20x slower than plain training).
 Guards (no NaN/Inf ever reaches the weights): float32 or better, autocast off, ``1/s`` regularised by
 ``eps * s_max``, a right vector whose singular value is 0 is the zero vector, non-finite backward
 entries are zeroed. Teacher vectors get a canonical sign (entries sum ``>= 0``; upstream's sign is
@@ -58,7 +63,21 @@ def feature_matrix(f: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"expected a (B, C, H, W) or (B, C) feature tensor, got shape {tuple(f.shape)}")
 
 
-_EIGH_MAX = 32  # Gram matrices up to this size use torch.linalg.eigh (batched Jacobi on CUDA)
+_EIGH_MAX = {"cuda": 32}  # largest Gram matrix for the full eigh per device type (CUDA: batched Jacobi)
+_EIGH_MAX_DEFAULT = 256  # CPU (LAPACK) and other devices
+SOLVERS = ("auto", "eigh", "subspace")
+
+
+def _solver(g: torch.Tensor, p: int, solver: str) -> str:
+    """The solver ``auto`` picks for ``g`` (B, r, r) and ``p`` wanted pairs (see the module docstring)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    r = g.shape[-1]
+    if min(r, p + 8) >= r:  # a subspace block as large as the matrix: nothing to gain
+        return "eigh"
+    if solver != "auto":
+        return solver
+    return "eigh" if r <= _EIGH_MAX.get(g.device.type, _EIGH_MAX_DEFAULT) else "subspace"
 _START: dict[tuple, torch.Tensor] = {}
 
 
@@ -83,16 +102,23 @@ def _orthonormalize(z: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def top_eigh(g: torch.Tensor, p: int, max_iter: int | None = None,
-             tol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def full_eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All eigenpairs of symmetric ``g`` (B, r, r) in float64, values descending: ``(B, r), (B, r, r)``."""
+    with torch.no_grad(), torch.autocast(device_type=g.device.type, enabled=False):
+        lam, v = torch.linalg.eigh(g.double())
+        return lam.flip(-1), v.flip(-1)
+
+
+def top_eigh(g: torch.Tensor, p: int, max_iter: int | None = None, tol: float | None = None,
+             solver: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``p`` eigenpairs ``(values (B, p) descending, vectors (B, r, p))`` of symmetric PSD ``g``.
 
-    Small matrices (``r <= 32`` or ``r <= p + 8``) use ``torch.linalg.eigh``. Larger ones use batched
-    subspace iteration on ``g^2`` with a block of ``p + 8`` vectors (Cholesky-QR re-orthonormalisation,
-    float64 arithmetic), then a Rayleigh-Ritz step on ``g``, until every wanted Ritz pair has a residual
-    below ``tol * lambda_max`` (default 1e-5 for float32 input, 1e-11 for float64; checked every 4
-    iterations) or ``max_iter`` iterations (default 60, 400): CUDA's batched ``eigh`` loops over the
-    batch for ``r > 32`` and is ~100x slower. No gradient (see :class:`_TopEigh`).
+    ``solver="eigh"`` takes them from :func:`full_eigh`. ``"subspace"`` runs batched subspace iteration
+    on ``g^2`` with a block of ``p + 8`` vectors (Cholesky-QR re-orthonormalisation, float64
+    arithmetic), then a Rayleigh-Ritz step on ``g``, until every wanted Ritz pair has a residual below
+    ``tol * lambda_max`` (default 1e-5 for float32 input, 1e-11 for float64; checked every 4 iterations)
+    or ``max_iter`` iterations (default 60, 400). ``"auto"`` picks per device and size (module
+    docstring). No gradient (see :class:`_TopEigh`).
     """
     r = g.shape[-1]
     p = min(p, r)
@@ -101,9 +127,9 @@ def top_eigh(g: torch.Tensor, p: int, max_iter: int | None = None,
     max_iter = (400 if f64 else 60) if max_iter is None else max_iter
     with torch.no_grad(), torch.autocast(device_type=g.device.type, enabled=False):
         q = min(r, p + 8)
-        if r <= _EIGH_MAX or q >= r:
-            lam, v = torch.linalg.eigh(g)
-            return lam.flip(-1)[..., :p].clamp_min(0), v.flip(-1)[..., :p]
+        if _solver(g, p, solver) == "eigh":
+            lam, v = full_eigh(g)
+            return lam[..., :p].clamp_min(0).to(g.dtype), v[..., :p].to(g.dtype)
         dtype = g.dtype
         g = g.double()
         scale = g.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[..., None, None]
@@ -129,21 +155,31 @@ class _TopEigh(torch.autograd.Function):
     """Top-``p`` eigenpairs of a symmetric PSD matrix with a regularised, NaN-free backward.
 
     For an eigenvector ``v_i`` (value ``l_i``) the exact derivative is ``dv_i = (l_i I - G)^+ dG v_i``.
-    We apply ``(l_i I - G) ((l_i I - G)^2 + tau^2 I)^-1 = Re[(l_i I - G + i tau I)^-1]`` instead (one
-    complex128 solve per vector, no full spectrum needed): per eigen-direction ``j`` this is
+    We apply ``(l_i I - G) ((l_i I - G)^2 + tau^2 I)^-1`` instead: per eigen-direction ``j`` this is
     ``d / (d^2 + tau^2)`` with ``d = l_i - l_j``, i.e. ``1/d`` for separated values and 0 for equal
-    ones; ``tau = eps * l_max``.
+    ones; ``tau = eps * l_max``. With the full spectrum (solver ``eigh``) it is applied in the
+    eigenbasis; without it (``subspace``) as ``Re[(l_i I - G + i tau I)^-1]``, one complex128 solve.
     """
 
     @staticmethod
-    def forward(ctx, g: torch.Tensor, p: int, eps: float):
-        lam, v = top_eigh(g, p)
-        ctx.save_for_backward(g, lam, v)
+    def forward(ctx, g: torch.Tensor, p: int, eps: float, solver: str = "auto"):
         ctx.eps = eps
+        if _solver(g, p, solver) == "eigh":
+            lam_all, v_all = full_eigh(g)
+            p = min(p, g.shape[-1])
+            lam, v = lam_all[..., :p].clamp_min(0), v_all[..., :p]
+            ctx.save_for_backward(lam_all, v_all)
+            ctx.spectral = True
+            return v.to(g.dtype), lam.to(g.dtype)
+        lam, v = top_eigh(g, p, solver="subspace")
+        ctx.save_for_backward(g, lam, v)
+        ctx.spectral = False
         return v, lam
 
     @staticmethod
     def backward(ctx, g_v, g_lam):
+        if ctx.spectral:
+            return _spectral_backward(ctx, g_v, g_lam), None, None, None
         g, lam, v = ctx.saved_tensors
         grad = None
         if g_lam is not None:
@@ -164,10 +200,32 @@ class _TopEigh(torch.autograd.Function):
             w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
             gv = (w.transpose(-1, -2) @ vt).to(g.dtype)  # sum_i w_i v_i^T
             grad = gv if grad is None else grad + gv
-        return grad, None, None
+        return grad, None, None, None
 
 
-def _decompose(x: torch.Tensor, n: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _spectral_backward(ctx, g_v, g_lam):
+    """The backward of :class:`_TopEigh` from the saved full spectrum (float64): ``sum_i w_i v_i^T`` with
+    ``w_i = sum_j v_j d_ij / (d_ij^2 + tau^2) (v_j . g_v_i)``, ``d_ij = l_i - l_j``, plus
+    ``V diag(g_lam) V^T`` for the values."""
+    lam_all, v_all = ctx.saved_tensors
+    dtype = (g_v if g_v is not None else g_lam).dtype
+    p = (g_v if g_v is not None else g_lam).shape[-1]
+    v = v_all[..., :p]
+    grad = torch.zeros_like(v_all)
+    if g_lam is not None:
+        grad = grad + (v * g_lam.double().unsqueeze(-2)) @ v.transpose(-1, -2)
+    if g_v is not None:
+        tau = ctx.eps * lam_all[..., :1].clamp_min(0) + 1e-30  # (B, 1)
+        d = lam_all[..., :p].unsqueeze(-2) - lam_all.unsqueeze(-1)  # (B, r, p): l_i - l_j
+        f = d / (d * d + (tau * tau).unsqueeze(-1))
+        coeff = f * (v_all.transpose(-1, -2) @ g_v.double())  # (B, r, p), row j = direction v_j
+        w = v_all @ coeff  # (B, r, p): w_i as columns
+        w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+        grad = grad + w @ v.transpose(-1, -2)
+    return grad.to(dtype)
+
+
+def _decompose(x: torch.Tensor, n: int, eps: float, solver: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``n`` right singular vectors (B, N, n) and values (B, n) of ``x`` (B, M, N), differentiable.
 
     From ``X^T X`` when ``M >= N``; else from ``X X^T`` with ``v = X^T u / s`` (zero when ``s`` is).
@@ -175,9 +233,9 @@ def _decompose(x: torch.Tensor, n: int, eps: float) -> tuple[torch.Tensor, torch
     m, c = x.shape[-2], x.shape[-1]
     with torch.autocast(device_type=x.device.type, enabled=False):
         if m >= c:
-            v, lam = _TopEigh.apply(x.transpose(-1, -2) @ x, n, eps)
+            v, lam = _TopEigh.apply(x.transpose(-1, -2) @ x, n, eps, solver)
             return v, lam.clamp_min(0).sqrt()
-        u, lam = _TopEigh.apply(x @ x.transpose(-1, -2), n, eps)
+        u, lam = _TopEigh.apply(x @ x.transpose(-1, -2), n, eps, solver)
         lam_max = lam[..., :1].detach()
         inv_s = torch.rsqrt(lam.clamp_min(0) + eps * eps * lam_max + 1e-30)  # 1/s, regularised by eps*s_max
         keep = (lam.detach() > 1e-12 * lam_max).to(x.dtype)  # no right vector for a zero singular value
@@ -185,20 +243,22 @@ def _decompose(x: torch.Tensor, n: int, eps: float) -> tuple[torch.Tensor, torch
         return v, lam.clamp_min(0).sqrt()
 
 
-def top_right_singular(x: torch.Tensor, n: int, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+def top_right_singular(x: torch.Tensor, n: int, eps: float = 1e-4,
+                       solver: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``n`` right singular vectors ``V`` (B, N, n) and values ``s`` (B, n) of ``x`` (B, M, N).
 
     ``n`` is capped at ``min(M, N)``. Differentiable in ``x`` through ``V`` (the values carry no
     gradient); the backward pass never produces NaN/Inf, also for zero, rank-deficient or repeated
     singular values (``eps`` sets how near-equal values are regularised, relative to ``s_max^2``).
+    ``solver``: ``"auto"``, ``"eigh"`` or ``"subspace"`` (module docstring); all give the same result.
     """
     x = x if x.dtype == torch.float64 else x.float()  # float64 kept (for checks), else float32
     n = max(1, min(int(n), x.shape[-2], x.shape[-1]))
     if x.requires_grad and torch.is_grad_enabled():
-        v, s = _decompose(x, n, eps)
+        v, s = _decompose(x, n, eps, solver)
         return v, s.detach()
     with torch.no_grad():
-        return _decompose(x, n, eps)
+        return _decompose(x, n, eps, solver)
 
 
 def canonical_sign(v: torch.Tensor) -> torch.Tensor:
