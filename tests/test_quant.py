@@ -140,6 +140,26 @@ def test_weight_ste_gradient_is_that_of_the_unrounded_expression(k):
     np.testing.assert_allclose(w.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
+def test_weight_gradient_with_tied_maxima_matches_autograd_of_the_unrounded_expression():
+    """Several entries share max|tanh(w)| (both signs): M's gradient is split among them as autograd's max."""
+    w = torch.tensor([0.3, -1.2, 1.2, 0.0, -0.7, 1.2], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([0.5, -1.0, 2.0, 0.3, 1.5, -0.25], dtype=torch.float64)
+    (quantize_weight(w, 3) * g).sum().backward()
+    w_ref = w.detach().clone().requires_grad_(True)
+    t = torch.tanh(w_ref)
+    ((t / t.abs().max()) * g).sum().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-12, atol=1e-14)
+    z = torch.zeros(4, requires_grad=True)  # all-zero weights: finite (zero) gradient, levels +-1/7
+    quantize_weight(z, 3).sum().backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_activation_gradient_passes_at_the_clip_bounds():
+    x = torch.tensor([-1e-7, 0.0, 0.5, 1.0, 1.0 + 1e-6], requires_grad=True)
+    quantize_activation(x, 2).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # as torch.clamp's gradient
+
+
 def test_one_bit_weight_gradient_is_identity():
     w = torch.randn(20, dtype=torch.float64, requires_grad=True)
     g = torch.randn(20, dtype=torch.float64)

@@ -70,6 +70,47 @@ def uniform_quantize(r: torch.Tensor, bits: int) -> torch.Tensor:
     return _ste_round(r * n) / n
 
 
+_M_FLOOR = 1e-12  # lower bound of max|tanh(w)|
+
+
+class _WeightQuant(torch.autograd.Function):
+    """k-bit DoReFa weights (2 <= k <= 8) in one node: forward ``(2 round(n r) - n) / n`` with
+    ``r = tanh(w) / (2M) + 1/2``, ``M = max|tanh(w)|`` (levels exact, e.g. +-1/3 for 2 bits); backward the
+    straight-through gradient of the un-rounded ``tanh(w) / M``, through ``tanh`` and ``M`` (``M``'s share
+    split evenly among tied maxima, as autograd's ``max``)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, n: float) -> torch.Tensor:
+        t = torch.tanh(w)
+        m = t.abs().max().clamp_min(_M_FLOOR)  # all-zero weights: levels +-1/n, finite gradients
+        ctx.save_for_backward(t, m)
+        return (t / (2.0 * m)).add_(0.5).mul_(n).round_().mul_(2.0).sub_(n).div_(n)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        t, m = ctx.saved_tensors
+        at_max = t.abs() == m
+        g_m = -(g * t).sum() / m / m  # d/dM of sum(g * t / M)
+        g_t = g / m + torch.sign(t) * at_max * (g_m / at_max.sum().clamp_min(1))
+        return g_t * (1.0 - t * t), None
+
+
+class _ActQuant(torch.autograd.Function):
+    """k-bit DoReFa activations in one node: forward ``round(n clip(x, 0, 1)) / n``; backward the
+    gradient of the clip (1 for ``0 <= x <= 1``, else 0) - the rounding is straight-through. Saves a
+    boolean mask only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: float) -> torch.Tensor:
+        ctx.save_for_backward((x >= 0) & (x <= 1))
+        return torch.clamp(x, 0.0, 1.0).mul_(n).round_().div_(n)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        inside, = ctx.saved_tensors
+        return g * inside, None
+
+
 def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     """DoReFa weight quantizer (see the module docstring); ``bits`` in 1..8 or 32."""
     bits = check_bits(bits, "w_bits")
@@ -78,11 +119,7 @@ def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 1:
         scale = w.detach().abs().mean()
         return (torch.sign(w) * scale).detach() + (w - w.detach())
-    t = torch.tanh(w)
-    m = t.abs().max().clamp_min(torch.finfo(t.dtype).tiny)
-    n = float(2 ** bits - 1)
-    # 2 Q(r) - 1 written as (2 round(n r) - n) / n so that the levels are exact (e.g. +-1/3 for 2 bits)
-    return (2.0 * _ste_round((t / (2.0 * m) + 0.5) * n) - n) / n
+    return _WeightQuant.apply(w, float(2 ** bits - 1))
 
 
 def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -90,7 +127,7 @@ def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
     bits = check_bits(bits, "a_bits")
     if bits == FULL_PRECISION:
         return x
-    return uniform_quantize(torch.clamp(x, 0.0, 1.0), bits)
+    return _ActQuant.apply(x, float(2 ** bits - 1))
 
 
 class _QuantMixin:
