@@ -3,8 +3,9 @@
     python benchmarks/bench_kd.py                                   # CPU, resnet_tiny, batch 64
     python benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4
 
-Each row is the median step time over ``--steps`` steps after warm-up, and its ratio to the fp32
-plain step measured in the same process. The steps are the trainer's own (``Objective.train_step``
+Each row is the median step time over ``--steps`` rounds after warm-up, and its ratio to the fp32
+plain step measured in the same process. The rows are interleaved: every round times one step of each
+row in turn, so a change of machine load (shared VMs) affects all rows alike. The steps are the trainer's own (``Objective.train_step``
 + optimizer step), with the teacher frozen as in ``rolekd distill``; MHGD's attention network is
 prepared for one pass over a few batches first.
 """
@@ -26,30 +27,51 @@ from rolekd.quant import quantize_model
 from rolekd.train.objective import CrossEntropy, StepContext
 
 
-def time_steps(model, objective, x, y, device, amp, steps, warmup=3):
-    objective.setup(model, device)
-    opt = torch.optim.SGD(list(model.parameters()) + objective.extra_parameters(), lr=0.01, momentum=0.9)
-    objective.bind_optimizer(opt)
-    objective.on_epoch_start(5, 10)
+class Runner:
+    """One row: a model, its objective and optimizer, ready to time single steps."""
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    def __init__(self, model, objective, x, y, device, amp):
+        self.model, self.objective, self.x, self.y, self.device = model, objective, x, y, device
+        objective.setup(model, device)
+        self.opt = torch.optim.SGD(list(model.parameters()) + objective.extra_parameters(), lr=0.01, momentum=0.9)
+        objective.bind_optimizer(self.opt)
+        objective.on_epoch_start(5, 10)
 
-    ctx = StepContext(epoch=5, epochs=10, autocast=autocast)
-    model.train()
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+        self.ctx = StepContext(epoch=5, epochs=10, autocast=autocast)
+        model.train()
+        self.times = []
+
+    def step(self, record=True):
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        objective.train_step(model, x, y, ctx)
-        opt.step()
-        if device.type == "cuda":
+        self.opt.zero_grad(set_to_none=True)
+        self.objective.train_step(self.model, self.x, self.y, self.ctx)
+        self.opt.step()
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        if record:
+            self.times.append(time.perf_counter() - t0)
+
+
+def time_rows(runners, steps, warmup=3):
+    """Median step time of each runner, timing one step of each in turn per round."""
+    for r in runners:
+        for _ in range(warmup):
+            r.step(record=False)
+    for _ in range(steps):
+        for r in runners:
+            r.step()
+    return [statistics.median(r.times) for r in runners]
+
+
+def spread(times):
+    """(first quartile, third quartile) of a row's step times."""
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return q[0], q[2]
 
 
 def main():
@@ -72,28 +94,33 @@ def main():
     teacher = create(args.model, num_classes=10).to(device)
     if device.type == "cuda":
         teacher = teacher.to(memory_format=torch.channels_last)
-    rows = []
 
     pristine = copy.deepcopy(teacher)  # objectives freeze `teacher`; students start from an unfrozen copy
 
     def student():
         return quantize_model(copy.deepcopy(pristine), args.bits, args.bits).to(device)
 
-    base = time_steps(copy.deepcopy(pristine), CrossEntropy(), x, y, device, amp, args.steps)
-    rows.append(("fp32 plain", base))
-    rows.append((f"{args.bits}-bit plain", time_steps(student(), CrossEntropy(), x, y, device, amp, args.steps)))
+    labels = ["fp32 plain", f"{args.bits}-bit plain"]
+    runners = [Runner(copy.deepcopy(pristine), CrossEntropy(), x, y, device, amp),
+               Runner(student(), CrossEntropy(), x, y, device, amp)]
     for m in args.methods:
         t = copy.deepcopy(pristine) if m == "dml" else teacher
         obj = build_kd_objective(m, t, prepare_epochs=1) if m in ("mhgd", "iikd") else build_kd_objective(m, t)
         if obj.needs_prepare:
             obj.prepare([torch.randn_like(x) for _ in range(2)], epochs=1)
-        rows.append((f"{args.bits}-bit + {m}", time_steps(student(), obj, x, y, device, amp, args.steps)))
-        obj.close()
+        labels.append(f"{args.bits}-bit + {m}")
+        runners.append(Runner(student(), obj, x, y, device, amp))
+    times = time_rows(runners, args.steps)
+    for r in runners:
+        r.objective.close()
+    base = times[0]
+    rows = list(zip(labels, times))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{args.model}, batch {args.batch}, {name}")
-    print("| step | ms | ratio to fp32 plain |\n|---|---:|---:|")
-    for label, t in rows:
-        print(f"| {label} | {1000 * t:.1f} | {t / base:.2f}x |")
+    print("| step | ms (median) | ms (quartiles) | ratio to fp32 plain |\n|---|---:|---:|---:|")
+    for (label, t), r in zip(rows, runners):
+        lo, hi = spread(r.times)
+        print(f"| {label} | {1000 * t:.1f} | {1000 * lo:.1f}-{1000 * hi:.1f} | {t / base:.2f}x |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "model": args.model, "batch": args.batch,

@@ -3,8 +3,10 @@
 # (pydantic wheels, absent from the GPU image). Results go to $OUT; each step has its own time limit.
 # Setup (once, in the checkout): mkdir -p .gpu .whl; cp ../shared/data/cifar10_jpeg.npz ../shared/fixtures/pba/rcifar10_16_wrn.txt .gpu/;
 #   pip download pydantic, pydantic_core, annotated_types, typing_inspection wheels for cp312 manylinux into .whl/
-#   (see the device README); then run it with carry [".gpu", ".whl"]. `bash benchmarks/gpu_session.sh mini`
-#   runs only the pipeline (configs/gpu-mini.yaml) and returns its report as a tarball.
+#   (see the device README); then run it with carry [".gpu", ".whl"] and timeout_s 600.
+# Modes: (none) = what the open issues still need, in order of priority, within one 600 s call: the KD step
+#   bench (issue 4), the batch-512 augmentation share (issue 3), the gpu-mini pipeline (issue 6, its report
+#   as a tarball); `bench` = loader / augment / train smoke / compile / KD benches; `mini` = the pipeline only.
 set -u
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -12,9 +14,15 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/gpu.txt
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >> $OUT/gpu.txt
 step() { local t=$1; shift; local name=$1; shift; echo "== $name"; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?" >> "$OUT/$name.log"; tail -n 12 "$OUT/$name.log"; }
-if [ "${1:-}" = mini ]; then
-  step 540 gpu_mini python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz out=/tmp/gm
+mini() {
+  step "$1" gpu_mini python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz out=/tmp/gm
   tar czf $OUT/gpu_mini.tar.gz --exclude=checkpoint --exclude='*.safetensors' --exclude=search_state -C /tmp gm
+}
+if [ "${1:-}" = mini ]; then mini 560; exit 0; fi
+if [ "${1:-}" != bench ]; then
+  step 100 kd python3 benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --out $OUT/kd.json
+  step 60 augment python3 benchmarks/bench_augment.py --device cuda --batch 4096 --train-step --out $OUT/augment.json
+  mini 400
   exit 0
 fi
 step 120 loader python3 benchmarks/bench_loader.py --device cuda --workers 8 --data-path .gpu/cifar10_jpeg.npz \
