@@ -1,7 +1,8 @@
 """Cost of one training step: fp32 plain, low-bit plain, low-bit + each KD method (same run).
 
     python benchmarks/bench_kd.py                                   # CPU, resnet_tiny, batch 64
-    python benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4
+    python benchmarks/bench_kd.py --model resnet18 --batch 32 --steps 10 --unclipped iikd
+    python benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --unclipped iikd
 
 Each row is the median step time over ``--steps`` rounds after warm-up, and its ratio to the fp32
 plain step measured in the same process. The rows are interleaved: every round times one step of each
@@ -82,6 +83,8 @@ def main():
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--methods", nargs="*", default=["soft", "dml", "rkd", "kdsvd", "mhgd", "iikd"])
+    ap.add_argument("--unclipped", nargs="*", default=[],
+                    help="methods to time a second time with KD gradient clipping off (one backward pass)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -103,12 +106,13 @@ def main():
     labels = ["fp32 plain", f"{args.bits}-bit plain"]
     runners = [Runner(copy.deepcopy(pristine), CrossEntropy(), x, y, device, amp),
                Runner(student(), CrossEntropy(), x, y, device, amp)]
-    for m in args.methods:
+    for m, clip in [(m, True) for m in args.methods] + [(m, False) for m in args.unclipped]:
         t = copy.deepcopy(pristine) if m == "dml" else teacher
-        obj = build_kd_objective(m, t, prepare_epochs=1) if m in ("mhgd", "iikd") else build_kd_objective(m, t)
+        kwargs = {"prepare_epochs": 1} if m in ("mhgd", "iikd") else {}
+        obj = build_kd_objective(m, t, clip=clip, **kwargs)
         if obj.needs_prepare:
             obj.prepare([torch.randn_like(x) for _ in range(2)], epochs=1)
-        labels.append(f"{args.bits}-bit + {m}")
+        labels.append(f"{args.bits}-bit + {m}" + ("" if clip else " (clipping off)"))
         runners.append(Runner(student(), obj, x, y, device, amp))
     times = time_rows(runners, args.steps)
     for r in runners:

@@ -20,7 +20,7 @@ mini() {
 }
 if [ "${1:-}" = mini ]; then mini 560; exit 0; fi
 if [ "${1:-}" != bench ]; then
-  step 100 kd python3 benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --out $OUT/kd.json
+  step 100 kd python3 benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --unclipped iikd --out $OUT/kd.json
   step 60 augment python3 benchmarks/bench_augment.py --device cuda --batch 4096 --train-step --out $OUT/augment.json
   mini 400
   exit 0
