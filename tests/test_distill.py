@@ -244,6 +244,22 @@ def test_kdsvd_gradient_matches_finite_differences_and_reaches_only_student():
     assert all(t.grad is None for t in ft) and all(s.grad.abs().sum() > 0 for s in fs)
 
 
+def test_fused_relation_gap_matches_autograd_of_the_expression():
+    from rolekd.distill.kdsvd import rbf_relation, relation_gap
+
+    torch.manual_seed(11)
+    v = torch.randn(3, 7, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(3, 7, 5, 2, dtype=torch.float64)
+    fused = relation_gap(v, w, target, sigma=2.0)
+    gv, gw = torch.autograd.grad(3.0 * fused, (v, w))
+    ref = ((rbf_relation(v, w, 2.0) - target) ** 2).flatten(1).sum(1).mean()
+    rv, rw = torch.autograd.grad(3.0 * ref, (v, w))
+    torch.testing.assert_close(fused, ref)
+    torch.testing.assert_close(gv, rv)
+    torch.testing.assert_close(gw, rw)
+
+
 def test_kdsvd_zero_when_student_equals_teacher():
     rng = np.random.default_rng(5)
     ft = {k: torch.from_numpy(v).float() for k, v in zip("abc", random_feats(rng))}
