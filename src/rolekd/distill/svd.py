@@ -68,8 +68,8 @@ def feature_matrix(f: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"expected a (B, C, H, W) or (B, C) feature tensor, got shape {tuple(f.shape)}")
 
 
-_EIGH_MAX = {"cuda": 32}  # largest Gram matrix for the full eigh per device type (CUDA: batched Jacobi)
-_EIGH_MAX_DEFAULT = 256  # CPU (LAPACK) and other devices
+_EIGH_SMALL = 32  # the full eigh up to this size everywhere (CUDA: batched Jacobi)
+_EIGH_MAX_GRAD = 256  # and, off CUDA (LAPACK), up to this size when a gradient is needed
 SOLVERS = ("auto", "eigh", "subspace")
 
 
@@ -83,8 +83,10 @@ def _solver(g: torch.Tensor, p: int, solver: str, grad: bool = True) -> str:
         return "eigh"
     if solver != "auto":
         return solver
-    limit = _EIGH_MAX.get(g.device.type, _EIGH_MAX_DEFAULT) if grad else _EIGH_MAX["cuda"]
+    limit = _EIGH_MAX_GRAD if grad and g.device.type != "cuda" else _EIGH_SMALL
     return "eigh" if r <= limit else "subspace"
+
+
 _START: dict[tuple, torch.Tensor] = {}
 
 

@@ -12,11 +12,10 @@ from .dorefa import (
     quantize_activation,
     quantize_model,
     quantize_weight,
-    uniform_quantize,
 )
 
 __all__ = [
     "FULL_PRECISION", "ActQuant", "QConv2d", "QLinear", "activation_points", "check_bits",
     "full_precision_layers", "quantizable_layers", "quantize_activation", "quantize_model",
-    "quantize_weight", "uniform_quantize",
+    "quantize_weight",
 ]

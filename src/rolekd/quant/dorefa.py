@@ -59,17 +59,6 @@ def check_bits(bits, what: str = "bits") -> int:
     return bits
 
 
-def _ste_round(x: torch.Tensor) -> torch.Tensor:
-    """``round(x)`` forward (exactly), identity gradient."""
-    return torch.round(x).detach() + (x - x.detach())
-
-
-def uniform_quantize(r: torch.Tensor, bits: int) -> torch.Tensor:
-    """DoReFa's ``Q``: ``round((2^k - 1) r) / (2^k - 1)`` for ``r`` in [0, 1], straight-through gradient."""
-    n = float(2 ** bits - 1)
-    return _ste_round(r * n) / n
-
-
 _M_FLOOR = 1e-12  # lower bound of max|tanh(w)|
 
 
