@@ -13,8 +13,9 @@ N = 256  # images per parity check
 PBA_CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)  # pba/augmentation_transforms.py MEANS
 MEAN_FILL = tuple(round(255 * m) for m in PBA_CIFAR10_MEAN)
 GEOMETRIC = ("Rotate", "TranslateX", "TranslateY", "ShearX", "ShearY")
-PIXEL_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize",
-             "Color", "Contrast", "Brightness", "Sharpness")
+LUT_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize")  # integer arithmetic / per-value tables
+ENHANCE_OPS = ("Color", "Contrast", "Brightness", "Sharpness")  # ImageEnhance: a float32 blend with a degenerate image
+PIXEL_OPS = LUT_OPS + ENHANCE_OPS
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +76,45 @@ def pil_op(img: np.ndarray, name: str, level: int, sign: int = 1, fill: tuple[in
     return np.asarray(out)
 
 
-def assert_parity(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
-    diff = np.abs(ours.astype(np.int16) - ref.astype(np.int16))
-    within = (diff <= 1).mean()
-    assert within >= 0.99, f"{what}: {within:.4%} of pixels within +-1 of Pillow (exact: {(diff == 0).mean():.4%})"
+def assert_identical(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
+    """Every pixel of every image equal: all 15 ops reproduce Pillow bit for bit (checked at every level and
+    sign on the 512 images of ``cifar_images``: no pixel differs), so no tolerance is needed anywhere."""
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
+    bad = ours != ref
+    if bad.any():
+        diff = np.abs(ours.astype(np.int16) - ref.astype(np.int16))
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} values differ from the reference "
+                             f"(largest difference {int(diff.max())}; first at image/y/x/channel {first}: "
+                             f"ours {ours[first]} vs {ref[first]})")
+
+
+def blend_references(img: np.ndarray, name: str, level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Pillow's ImageEnhance result, ImagingBlend's C expression evaluated in IEEE float32, the same
+    expression with a fused multiply-add) for one image.
+
+    ``enhance(f)`` is ``Image.blend(degenerate, image, f)``: per value ``(int)(d + f * (x - d))`` in C
+    float, clipped to 0..255. Our kernels evaluate it with two roundings (multiply, then add), which is
+    what Pillow's x86-64 builds do (checked: identical on all 65,536 (d, x) pairs at every level). A
+    Pillow compiled with multiply-add contraction (GCC's default where FMA is part of the base ISA, e.g.
+    aarch64) rounds once and differs by 1 at a few hundred (d, x) pairs at levels 7 and 9 -- a property
+    of that Pillow build, not of our op; the test accepts Pillow's value there only if it is the fused one.
+    """
+    enhancer = getattr(ImageEnhance, name)(Image.fromarray(img))
+    factor = float_param(level, 1.8) + 0.1
+    pil = np.asarray(enhancer.enhance(factor))
+    d = np.asarray(enhancer.degenerate.convert("RGB")).astype(np.float32)
+    x = img.astype(np.float32)
+    f32 = np.float32(factor)
+    unfused = d + f32 * (x - d)  # numpy float32: each operation rounded on its own
+    # in float64 the product and the sum are exact: one rounding, to float32, as a fused multiply-add
+    fused = (d.astype(np.float64) + np.float64(f32) * (x.astype(np.float64) - d)).astype(np.float32)
+    return pil, truncate(unfused), truncate(fused)
+
+
+def truncate(v: np.ndarray) -> np.ndarray:
+    """Clip to 0..255 and truncate, as ImagingBlend's (UINT8) cast."""
+    return np.clip(v, 0.0, 255.0).astype(np.uint8)
 
 
 def test_op_names_and_signs() -> None:
@@ -109,15 +145,46 @@ def test_geometric_ops_match_pillow(name: str, images: np.ndarray, batch: torch.
         for sign in (1, -1):
             ours = to_hwc(apply_op(batch, name, level, signs=torch.full((N,), sign)))
             ref = np.stack([pil_op(img, name, level, sign) for img in images])
-            assert_parity(ours, ref, f"{name} level {level} sign {sign:+d}")
+            assert_identical(ours, ref, f"{name} level {level} sign {sign:+d}")
 
 
-@pytest.mark.parametrize("name", PIXEL_OPS)
-def test_pixel_ops_match_pillow(name: str, images: np.ndarray, batch: torch.Tensor) -> None:
+@pytest.mark.parametrize("name", LUT_OPS)
+def test_lookup_table_ops_match_pillow(name: str, images: np.ndarray, batch: torch.Tensor) -> None:
     for level in range(10):
         ours = to_hwc(apply_op(batch, name, level))
         ref = np.stack([pil_op(img, name, level) for img in images])
-        assert_parity(ours, ref, f"{name} level {level}")
+        assert_identical(ours, ref, f"{name} level {level}")
+
+
+@pytest.mark.parametrize("name", ENHANCE_OPS)
+def test_enhance_ops_match_pillow(name: str, images: np.ndarray, batch: torch.Tensor) -> None:
+    for level in range(10):
+        ours = to_hwc(apply_op(batch, name, level))
+        pil, unfused, fused = (np.stack(r) for r in zip(*(blend_references(img, name, level) for img in images)))
+        # ours is ImagingBlend's expression on Pillow's own degenerate image, to the last bit ...
+        assert_identical(ours, unfused, f"{name} level {level} (vs the blend of Pillow's degenerate image)")
+        # ... and equals Pillow's output (on x86-64: everywhere; a fused-multiply-add build of Pillow may
+        # round up by one where the fused expression does, and only there)
+        pil_unfused = np.where((pil != unfused) & (pil == fused), unfused, pil)
+        assert_identical(ours, pil_unfused, f"{name} level {level}")
+
+
+def test_solarize_inverts_pixels_equal_to_the_threshold() -> None:
+    """Pillow's solarize inverts every value >= threshold: every value 0..255 at every level, per image."""
+    values = torch.arange(256, dtype=torch.uint8)
+    image = values.view(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()  # each value once per channel
+    for level in range(10):
+        threshold = 256 - int(level * 256 / 10)  # PBA: 256 - int_parameter(level, 256)
+        out = apply_op(image, "Solarize", level)
+        expected = torch.where(values.long() >= threshold, 255 - values.long(), values.long()).to(torch.uint8)
+        for c in range(3):
+            assert torch.equal(out[0, c].flatten(), expected), f"level {level}, channel {c}"
+        if threshold <= 255:
+            assert out[0, 0].flatten()[threshold] == 255 - threshold  # the threshold value itself flips
+            assert out[0, 0].flatten()[threshold - 1] == threshold - 1  # the one below does not
+        pil = np.asarray(ImageOps.solarize(Image.fromarray(image[0].permute(1, 2, 0).numpy()), threshold))
+        assert np.array_equal(to_hwc(out)[0], pil), f"level {level} vs ImageOps.solarize"
+    assert torch.equal(apply_op(image, "Solarize", 0), image)  # threshold 256: nothing flips
 
 
 def test_cutout_matches_pba_with_given_centres(images: np.ndarray, batch: torch.Tensor) -> None:
@@ -126,7 +193,7 @@ def test_cutout_matches_pba_with_given_centres(images: np.ndarray, batch: torch.
         centres = torch.randint(0, 32, (N, 2), generator=gen)
         ours = to_hwc(apply_op(batch, "Cutout", level, centres=centres))
         ref = np.stack([pil_op(img, "Cutout", level, centre=tuple(c)) for img, c in zip(images, centres.tolist())])
-        assert_parity(ours, ref, f"Cutout level {level}")
+        assert_identical(ours, ref, f"Cutout level {level}")
 
 
 def test_fill_override(images: np.ndarray, batch: torch.Tensor) -> None:
@@ -134,7 +201,7 @@ def test_fill_override(images: np.ndarray, batch: torch.Tensor) -> None:
     for name, level in (("TranslateX", 9), ("Rotate", 9), ("ShearY", 7)):
         ours = to_hwc(apply_op(batch, name, level, signs=torch.full((N,), -1), fill=fill))
         ref = np.stack([pil_op(img, name, level, -1, fill=fill) for img in images])
-        assert_parity(ours, ref, f"{name} with fill {fill}")
+        assert_identical(ours, ref, f"{name} with fill {fill}")
     # TranslateX by -9: output column x samples x - 9, so the first 9 columns are uncovered
     shifted = to_hwc(apply_op(batch, "TranslateX", 9, signs=torch.full((N,), -1), fill=fill))
     assert (shifted[:, :, :9] == np.asarray(fill, dtype=np.uint8)).all()

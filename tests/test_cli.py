@@ -1,10 +1,15 @@
 """The command line: a real training run, and bad input = one line on stderr, exit 2, nothing lost."""
 
 import json
+import math
 
 import pytest
+import torch
+from torch import nn
 
 from rolekd.cli import main
+from rolekd.data import bundle_from_tensors, register_dataset
+from rolekd.models import register_model
 
 TINY = ["model=resnet_tiny", "train.progress=false", "data.max_train=512", "data.max_test=200",
         "train.batch_size=64", "train.eval_batch_size=200"]
@@ -35,6 +40,21 @@ def test_train_writes_a_complete_run_and_reruns_as_finished(teacher_run, capsys)
     code, out, _ = run(capsys, "train", *TINY, "epochs=2", f"out={teacher_run}")
     assert code == 0 and "already finished" in out
     assert (teacher_run / "metrics.jsonl").read_text() == before
+
+
+def metric_rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_kd_row(row, lam):
+    """A KD epoch's metrics: finite, λ as configured, and the logged loss is the objective task + λ·KD
+    (every metric is a per-image average of per-batch values, so the identity holds for the averages)."""
+    keys = ("train_loss", "train_task_loss", "train_kd_loss", "train_lam")
+    assert all(math.isfinite(row[k]) for k in keys) and not row.get("nonfinite"), row
+    assert row["train_lam"] == pytest.approx(lam, rel=1e-6)
+    task, kd = row["train_task_loss"], row["train_kd_loss"]
+    assert task > 0 and kd > 0, row
+    assert row["train_loss"] == pytest.approx(task + lam * kd, rel=1e-5), row
 
 
 def one_line_error(code, err, match):
@@ -92,8 +112,9 @@ def test_distill_low_bit_student_from_teacher(capsys, tmp_path, teacher_run):
     code, _, err = run(capsys, "distill", *TINY, "method=soft", f"teacher={teacher_run}", "w_bits=4", "a_bits=4",
                        "epochs=1", "train.optimizer=adam", "train.lr=0.001", f"out={out}")
     assert code == 0, err
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["train_kd_loss"] > 0 and rows[0]["train_lam"] == pytest.approx(0.4)
+    rows = metric_rows(out)
+    assert len(rows) == 1
+    assert_kd_row(rows[0], 0.4)
     res = json.loads((out / "result.json").read_text())
     assert (res["w_bits"], res["a_bits"], res["kd"]) == (4, 4, "soft")
 
@@ -105,8 +126,11 @@ def test_every_kd_method_runs_through_distill(capsys, tmp_path, teacher_run, met
     code, _, err = run(capsys, "distill", *TINY, "data.max_train=128", f"method={method}", f"teacher={teacher_run}",
                        "w_bits=2", "a_bits=2", "epochs=1", f"out={out}")
     assert code == 0, err
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["train_kd_loss"] > 0 and not row.get("nonfinite")
+    row, = metric_rows(out)
+    assert_kd_row(row, 0.4)
+    if method == "iikd":  # II-KD is RKD + MHGD + KD-SVD under one λ, each term logged
+        terms = [row[f"train_kd_{t}"] for t in ("rkd", "mhgd", "kdsvd")]
+        assert all(t > 0 for t in terms) and sum(terms) == pytest.approx(row["train_kd_loss"], rel=1e-5)
     # DML trains its own copy of the teacher; no method writes to the teacher's checkpoint
     assert (teacher_run / "model.safetensors").read_bytes() == teacher_bytes
 
@@ -114,3 +138,57 @@ def test_every_kd_method_runs_through_distill(capsys, tmp_path, teacher_run, met
 def test_search_cli_needs_a_teacher_for_the_student_role(capsys, tmp_path):
     code, _, err = run(capsys, "search", *TINY, "role=student", "method=soft", f"out={tmp_path / 's'}")
     one_line_error(code, err, "teacher")
+
+
+# ----------------------------------------------------------------------------- KD against a known outcome
+class PlainNet(nn.Module):
+    """No BatchNorm, no dropout: its train-mode forward (the student's) equals its eval-mode forward
+    (the frozen teacher's), so a student holding the teacher's weights computes the teacher's function."""
+
+    kd_taps = {"s1": "stage1", "s2": "stage2"}
+    kd_embedding = "fc"
+
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.stage1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.stage2(self.stage1(self.stem(x))).mean((2, 3)))
+
+
+register_model("cli_plain_net")(PlainNet)
+_g = torch.Generator().manual_seed(0)
+_X = torch.randint(0, 256, (96, 3, 12, 12), dtype=torch.uint8, generator=_g)
+_Y = torch.randint(0, 4, (96,), generator=_g)
+register_dataset("cli-kd-toy", lambda: bundle_from_tensors("cli-kd-toy", _X[:64], _Y[:64], _X[64:], _Y[64:]))
+PLAIN = ["dataset=cli-kd-toy", "model=cli_plain_net", "train.progress=false", "train.batch_size=32",
+         "train.eval_batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def plain_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "teacher"
+    assert main(["train", *PLAIN, "epochs=2", f"out={out}"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("method", ["soft", "dml", "rkd", "kdsvd", "mhgd", "iikd"])
+def test_kd_loss_vanishes_exactly_when_the_student_is_its_teacher(capsys, tmp_path, plain_teacher, method):
+    """A full-precision student initialised from its teacher, with a learning rate (1e-30) too small to move
+    any weight, computes the teacher's logits, features and embedding on every batch: every KD loss is 0.
+    A student of its own (random) weights is not the teacher: the same run logs a positive KD loss.
+    This catches a teacher fed other images or other weights than the student, and a method that ignores
+    the teacher."""
+    common = [*PLAIN, f"method={method}", f"teacher={plain_teacher}", "epochs=1", "train.lr=1e-30",
+              "kd.prepare_epochs=1"]
+    code, _, err = run(capsys, "distill", *common, f"out={tmp_path / 'same'}")
+    assert code == 0, err
+    code, _, err = run(capsys, "distill", *common, "kd.init_from_teacher=false", f"out={tmp_path / 'other'}")
+    assert code == 0, err
+    (same,), (other,) = metric_rows(tmp_path / "same"), metric_rows(tmp_path / "other")
+    assert_kd_row(other, 0.4)
+    assert same["train_kd_loss"] <= 1e-6 * other["train_kd_loss"], (same["train_kd_loss"], other["train_kd_loss"])
+    assert same["train_loss"] == pytest.approx(same["train_task_loss"], rel=1e-6)

@@ -54,6 +54,18 @@ def ctx(epoch=0, epochs=10):
     return StepContext(epoch=epoch, epochs=epochs, autocast=contextlib.nullcontext)
 
 
+def assert_close_to_scale(actual, expected, *terms, rel=1e-5):
+    """``actual == expected`` up to float rounding that is relative to the magnitude of the summed terms.
+
+    A float32 gradient (or update) element is a sum of many products; its rounding error scales with the
+    norm of the tensors summed (``terms``, default ``expected``), not with the element itself, which
+    can cancel to ~0. So the bound is ``rel`` (~100x float32's epsilon) times that norm, for every element.
+    """
+    scale = sum(float(t.norm()) for t in (terms or (expected,)))
+    err = float((actual - expected).abs().max())
+    assert err <= rel * scale, f"max |difference| {err:.3g} > {rel:g} x {scale:.3g} (norm of the terms)"
+
+
 @pytest.fixture
 def batch():
     g = torch.Generator().manual_seed(0)
@@ -482,10 +494,10 @@ def test_kd_gradient_clipping_rule(lam, epoch, e0, batch):
     clipped = 0
     for p, gt, gk in zip(student.parameters(), g_task, g_kd):
         bound = gt.norm() * factor
-        assert (p.grad - gt).norm() <= bound * (1 + 1e-4) + 1e-9
+        assert (p.grad - gt).norm() <= bound * (1 + 1e-4) + 1e-6 * gt.norm()
         scale = min(1.0, float(bound / gk.norm())) if gk.norm() > 0 else 1.0
         clipped += scale < 1
-        torch.testing.assert_close(p.grad, gt + gk * scale, rtol=1e-4, atol=1e-7)
+        assert_close_to_scale(p.grad, gt + gk * scale, gt, gk * scale)
     if lam >= 5:
         assert clipped > 0
     else:
@@ -503,7 +515,7 @@ def test_unclipped_objective_is_one_backward_of_task_plus_lam_kd(batch):
     obj.train_step(student, x, y, ctx(70))  # λ = 3 * 0.5
     g_task, g_kd = _reference_grads(ref_s, ref_t, x, y, 1.5)
     for p, gt, gk in zip(student.parameters(), g_task, g_kd):
-        torch.testing.assert_close(p.grad, gt + gk, rtol=1e-4, atol=1e-7)
+        assert_close_to_scale(p.grad, gt + gk, gt, gk)
 
 
 def test_dml_updates_both_networks_and_resumes(batch):
@@ -529,13 +541,17 @@ def test_dml_updates_both_networks_and_resumes(batch):
                                                  reduction="batchmean")
     grads = torch.autograd.grad(lt, list(ref_t.parameters()))
     for p, p0, g in zip(teacher.parameters(), ref_t.parameters(), grads):
-        torch.testing.assert_close(p.detach(), p0.detach() - 0.1 * g, rtol=1e-5, atol=1e-6)
+        # element by element: rounding of the update itself (relative to the weight) plus the gradient's
+        # rounding (relative to its norm, as in assert_close_to_scale)
+        step = 0.1 * g
+        err = (p.detach() - (p0.detach() - step)).abs()
+        assert (err <= 1e-6 * p0.detach().abs() + 1e-5 * step.norm()).all(), float(err.max())
         assert p.grad is None
     # the student's gradient is CE + KL(p_t || p_s) with the teacher's pre-update prediction
     ls = F.cross_entropy(ref_s(x), y) + F.kl_div(F.log_softmax(ref_s(x), 1), F.softmax(t_logits.detach(), 1),
                                                  reduction="batchmean")
     for p, g in zip(student.parameters(), torch.autograd.grad(ls, list(ref_s.parameters()))):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+        assert_close_to_scale(p.grad, g)
     s_before = [p.detach().clone() for p in student.parameters()]
     opt.step()
     assert any(not torch.equal(a, b) for a, b in zip(s_before, student.parameters()))
@@ -593,12 +609,10 @@ def test_objective_state_dict_restores_mhgd_attention(batch):
 
 
 def test_quantized_student_from_model_zoo_distils(batch):
-    try:
-        from rolekd.models import create
-        teacher = create("resnet_tiny", num_classes=5)
-    except (ImportError, KeyError, AttributeError) as e:  # the zoo is written concurrently
-        pytest.skip(f"rolekd.models.create unavailable: {e}")
+    from rolekd.models import create
     from rolekd.quant import quantize_model
+
+    teacher = create("resnet_tiny", num_classes=5)
 
     torch.manual_seed(15)
     x = torch.randn(8, 3, 32, 32)

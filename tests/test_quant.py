@@ -226,10 +226,13 @@ def test_first_and_last_layers_stay_full_precision(net):
     # an inner conv computes conv(Q_a(input), Q_w(weight)), from the numpy references
     h = torch.randn(3, 4, 8, 8)
     w = net.block1.conv_a.weight.detach()
-    ref = F.conv2d(torch.from_numpy(np_act(h.double().numpy(), 2)),
-                   torch.from_numpy(np_weight(w.double().numpy(), 2)), stride=1, padding=1)
+    qa, qw = torch.from_numpy(np_act(h.double().numpy(), 2)), torch.from_numpy(np_weight(w.double().numpy(), 2))
+    ref = F.conv2d(qa, qw, stride=1, padding=1)
     out = q.block1.conv_a(h)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # float32 rounding of a sum of n = 36 products is at most (n + 2) u times the sum of their absolute
+    # values (u = 2**-24; +2 for the float32 levels 1/3, 2/3), element by element
+    terms = F.conv2d(qa.abs(), qw.abs(), stride=1, padding=1)
+    assert ((out.double() - ref).abs() <= (36 + 2) * 2.0 ** -24 * terms).all()
     assert not torch.allclose(out, net.block1.conv_a(h), atol=1e-3)
 
 
@@ -260,11 +263,9 @@ def test_full_precision_bits_give_the_same_function(net):
 
 
 def test_model_zoo_resnet_tiny_quantizes_and_loads_teacher():
-    try:
-        from rolekd.models import create
-        teacher = create("resnet_tiny", num_classes=10)
-    except (ImportError, KeyError, AttributeError) as e:  # the zoo is written concurrently
-        pytest.skip(f"rolekd.models.create unavailable: {e}")
+    from rolekd.models import create
+
+    teacher = create("resnet_tiny", num_classes=10)
     student = quantize_model(teacher, 2, 2)
     convs = [(n, type(m)) for n, m in student.named_modules() if isinstance(m, nn.Conv2d)]
     linears = [(n, type(m)) for n, m in student.named_modules() if isinstance(m, nn.Linear)]
