@@ -454,14 +454,5 @@ def test_ray_executor_gives_the_same_search(reference, tmp_path):
     assert r["final_val_acc"] == s["final_val_acc"] and r["best_test_acc"] == s["best_test_acc"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("rolekd.distill.setup") is None,
-                    reason="the KD objective set-up (rolekd.distill.setup) is not there yet")
-def test_student_role_search_distills_from_the_frozen_teacher(reference, tmp_path):
-    out, _ = reference
-    teacher = out / "best_model.safetensors"
-    cfg = config(tmp_path / "st", "search.role=student", f"kd.teacher={teacher}", "kd.method=soft",
-                 "quant.w_bits=4", "quant.a_bits=4", "search.population=2", "search.epochs=2",
-                 "search.perturb_interval=1")
-    r = search_from_config(cfg, verbose=False)
-    assert r["role"] == "student" and r["exploits"] == 1
-    assert len(Schedule.load(tmp_path / "st" / "schedule.json")) == 2
+# The student-role search (KD from a frozen teacher) is tested in test_search_behaviour.py
+# (test_student_role_search_distills_from_the_frozen_teacher).

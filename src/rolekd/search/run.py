@@ -8,8 +8,9 @@ The run directory (``cfg.run_dir()``) holds, when the search has finished:
   Ray Tune PBT logs, which PBA's ``parse_log_schedule`` and ``Schedule.load(file, epochs=...)`` read;
   the best member's file gives back ``schedule.json``;
 * ``rewards.csv`` -- ``epoch`` (epochs trained, 1-based), ``member``, ``val_acc`` (empty in epochs
-  not evaluated), ``val_loss``, ``train_loss``, ``train_acc``, ``policy`` (the epoch's policy as 60
-  characters, ``a`` = 10);
+  not evaluated), ``val_loss``, ``train_loss``, ``train_acc``, ``train_kd_loss`` (the epoch's mean
+  unweighted KD loss of a ``role=student`` member; empty without KD), ``policy`` (the epoch's policy
+  as 60 characters, ``a`` = 10);
 * ``events.jsonl`` -- exploits, member failures, retries, replacements, resumptions;
 * ``search.json`` -- the summary (best member and reward, its test accuracy, exploit count, timings);
 * ``rewards.png`` and ``schedule.png``; ``best_model.safetensors`` (the best member's weights);
@@ -40,7 +41,7 @@ from .pbt import PBTController, policy_string
 
 STATE_DIR = "search_state"
 STATE_VERSION = 1
-REWARD_FIELDS = ["epoch", "member", "val_acc", "val_loss", "train_loss", "train_acc", "policy"]
+REWARD_FIELDS = ["epoch", "member", "val_acc", "val_loss", "train_loss", "train_acc", "train_kd_loss", "policy"]
 
 RoundHook = Callable[[dict], None]
 
@@ -235,7 +236,8 @@ class Search:
                 self.reward_rows.append({
                     "epoch": int(row["epoch"]) + 1, "member": i, "val_acc": row.get("val_acc", ""),
                     "val_loss": row.get("val_loss", ""), "train_loss": row.get("train_loss", ""),
-                    "train_acc": row.get("train_acc", ""), "policy": pol})
+                    "train_acc": row.get("train_acc", ""), "train_kd_loss": row.get("train_kd_loss", ""),
+                    "policy": pol})
             ctrl.record(i, k, o.reward)
         for i in failed:
             ctrl.invalidate(i)
