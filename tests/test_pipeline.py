@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rolekd.pipeline import run_pipeline
-from rolekd.pipeline.run import STAGES
+from rolekd.stages import STAGE_NAMES as STAGES
 
 MICRO = """
 name: micro
