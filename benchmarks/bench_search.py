@@ -51,15 +51,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_search(a, root: Path) -> dict:
-    from rolekd.search import search_from_config
-    from rolekd.train.run import build_data
+def run_search(a, root: Path, session) -> dict:
+    from rolekd.experiment import build_data, search_from_config
 
     cfg = build_config(a, root / "search")
-    build_data(cfg)  # decode the dataset once, outside both timings (shared by search and single run)
+    build_data(cfg, session)  # decode the dataset once, outside both timings (shared by search and single run)
     sync(a.device)
     t0 = time.perf_counter()
-    s = search_from_config(cfg, verbose=not a.quiet)
+    s = search_from_config(cfg, verbose=not a.quiet, session=session)
     sync(a.device)
     wall = time.perf_counter() - t0
     steps = s["train_s"] + s["eval_s"]
@@ -79,15 +78,14 @@ def run_search(a, root: Path) -> dict:
     }
 
 
-def run_single(a, root: Path) -> dict:
+def run_single(a, root: Path, session) -> dict:
     """One member of the same search trained alone (same config, same epochs, zero policy)."""
-    from rolekd.search import member_config
-    from rolekd.search.members import Member
-    from rolekd.search.run import search_config
+    from rolekd.experiment import MemberFactory
+    from rolekd.search import Member, member_config, search_config
 
     cfg = search_config(build_config(a, root / "single"))
     t0 = time.perf_counter()
-    m = Member(member_config(cfg, 0), 0)
+    m = Member(MemberFactory(session), member_config(cfg, 0), 0)
     sync(a.device)
     t1 = time.perf_counter()
     out = m.train(a.epochs, [0] * 60)
@@ -137,9 +135,12 @@ def main() -> None:
         res = {"config": {k: v for k, v in vars(a).items() if k not in ("out", "quiet")},
                "torch": torch.__version__, "threads": torch.get_num_threads(), "host": platform.node(),
                "device_name": torch.cuda.get_device_name() if gpu else platform.processor() or "cpu"}
-        res["search"] = run_search(a, root)
+        from rolekd.experiment import Session
+
+        session = Session()
+        res["search"] = run_search(a, root, session)
         if not a.no_single:
-            res["single"] = run_single(a, root)
+            res["single"] = run_single(a, root, session)
             s, one = res["search"], res["single"]
             res["search_vs_single"] = {
                 "wall_ratio": round(s["wall_s"] / one["wall_s"], 3),

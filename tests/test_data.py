@@ -137,7 +137,7 @@ def test_user_dataset_and_model_through_config(tmp_path):
     from rolekd.config import load_config
     from rolekd.data import bundle_from_tensors, register_dataset
     from rolekd.models import register_model
-    from rolekd.train.run import train_from_config
+    from rolekd.experiment import train_from_config
 
     g = torch.Generator().manual_seed(0)
     # 96 train / 64 test images, each class half of each split; class 1 is bright (values 156..255),

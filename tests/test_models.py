@@ -271,5 +271,5 @@ def test_register_model_decorator():
         with pytest.raises(ValueError):
             register_model(name)(_build)
     finally:
-        registry._MODELS.pop(name, None)
+        registry._MODELS.remove(name)
     assert re.fullmatch(r"[a-z0-9_<>]+", "".join(list_models()))

@@ -20,7 +20,7 @@ from rolekd.cli import main
 from rolekd.config import load_config
 from rolekd.models import create
 from rolekd.pipeline import run_pipeline
-from rolekd.pipeline.run import STAGES
+from rolekd.stages import STAGE_NAMES as STAGES
 
 MICRO = """
 name: micro

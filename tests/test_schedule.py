@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rolekd.augment import cli as schedule_cli
-from rolekd.augment.plot import op_curves, plot_schedule, plot_schedules_side_by_side
+from rolekd import schedule_cli
+from rolekd.plots import op_curves, plot_schedule, plot_schedules_side_by_side
 from rolekd.augment.schedule import PbtEvent, Schedule, write_pbt_log
 from rolekd.augment.space import OPS, POLICY_LEN
 from rolekd.errors import UserError

@@ -13,8 +13,9 @@ import torch
 from rolekd.augment.schedule import Schedule
 from rolekd.config import load_config
 from rolekd.errors import UserError
+from rolekd.experiment import search_from_config
 from rolekd.search import (PBTController, explore, member_config, member_seed, quantile_size, rank,
-                           search_from_config)
+                           search_config)
 from rolekd.search import members as members_mod
 from rolekd.search.pbt import ZERO_POLICY, parse_policy_string, policy_string
 
@@ -324,7 +325,7 @@ def test_member_seeds_and_configs():
     cfg = config("/tmp/unused", "search.role=teacher", "kd.method=soft")
     seeds = {member_seed(0, i) for i in range(16)}
     assert len(seeds) == 16 and member_seed(0, 3) == member_seed(0, 3) != member_seed(1, 3)
-    m = member_config(cfg, 2)
+    m = member_config(search_config(cfg), 2)
     assert m.data.split == "reduced" and m.train.epochs == 6 and m.train.seed == member_seed(0, 2)
     assert m.kd.method is None  # role teacher trains plainly
 

@@ -57,7 +57,7 @@ def test_shipped_config_builds_every_stage(path, tmp_path):
         return
     stages = stage_configs(cfg, tmp_path)
     assert {"alpha_search", "teacher", "beta_search", "student"} <= set(stages)
-    teacher = _net(cfg.pipeline.teacher.model, cfg.pipeline.teacher.model_kwargs, classes)
+    teacher = _net(cfg.pipeline.teacher.model.name, cfg.pipeline.teacher.model.kwargs, classes)
     for name, sc in stages.items():
         assert sc.out == str(tmp_path / name)
         net = _net(sc.model.name, sc.model.kwargs, classes, sc.quant.w_bits, sc.quant.a_bits)

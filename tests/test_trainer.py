@@ -7,7 +7,7 @@ from torch import nn
 from rolekd.config import TrainConfig
 from rolekd.data import DeviceLoader, load_dataset
 from rolekd.train import Trainer, lr_at
-from rolekd.train.checkpoint import load_state
+from rolekd.files import load_state
 
 
 class Tiny(nn.Module):

@@ -16,18 +16,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import __version__
+from .config import load_config
 from .errors import UserError
+from .experiment import search_from_config, train_from_config
+from .models import list_models
+from .pipeline import run_pipeline
+from .report import build_report
+from .schedule_cli import register as register_schedule_commands
 
 
 def _config(args, extra: list[str] | None = None):
-    from .config import load_config
-
     return load_config(args.config, list(extra or []) + list(args.overrides))
 
 
 def cmd_train(args) -> int:
-    from .train.run import train_from_config
-
     cfg = _config(args)
     if cfg.kd.method:
         raise UserError("this config sets kd.method: use `rolekd distill` for KD training")
@@ -36,8 +39,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .train.run import train_from_config
-
     cfg = _config(args)
     if not cfg.kd.method:
         raise UserError("rolekd distill needs a KD method: add method=soft|dml|rkd|kdsvd|mhgd|iikd")
@@ -48,38 +49,28 @@ def cmd_distill(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from .search.run import search_from_config
-
     search_from_config(_config(args))
     return 0
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run_pipeline
-
     run_pipeline(args.config, list(args.overrides))
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import build_report
-
     path = build_report(args.run_dir)
     print(path)
     return 0
 
 
 def cmd_models(args) -> int:
-    from .models import list_models
-
     print("\n".join(list_models()))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rolekd", description="Role-wise data augmentation for knowledge distillation")
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"rolekd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -102,12 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("models", help="list model names")
     p.set_defaults(func=cmd_models)
-    try:
-        from .augment.cli import register
-    except ImportError:  # pragma: no cover - schedule tools not installed
-        register = None
-    if register is not None:
-        register(sub)
+    register_schedule_commands(sub)
     return parser
 
 

@@ -4,6 +4,9 @@
 ``key=value`` overrides (dotted keys such as ``train.lr=0.05``; a few short aliases such as
 ``teacher=...`` or ``w_bits=4``), validates everything and returns a :class:`Config`. Every problem
 becomes one :class:`~rolekd.errors.UserError` line that names the key and what to do.
+
+``derive(cfg, ...)`` is the only way a config is made from another (a pipeline stage, a search member):
+it applies section changes and validates the result with the same one-line errors.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data.datasets import dataset_names
 from .errors import UserError
+from .stages import BASELINES
 
 
 class _Section(BaseModel):
@@ -36,8 +41,6 @@ class DataConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from .data.datasets import dataset_names
-
         if name not in dataset_names():
             raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(dataset_names())} "
                              "(or register yours with rolekd.data.register_dataset)")
@@ -104,6 +107,7 @@ class KDConfig(_Section):
     clip_e0: float = 0.0
     prepare_epochs: int = Field(1, ge=0)  # MHGD: epochs to train its attention network on the teacher
     init_from_teacher: bool = True  # a same-architecture student starts from the teacher's weights
+    options: dict[str, Any] = Field(default_factory=dict)  # the method's own options, checked by the method
 
 
 class SearchConfig(_Section):
@@ -121,26 +125,48 @@ class SearchConfig(_Section):
 
 
 class RoleConfig(_Section):
-    """One role of the pipeline: its network, bits, KD method and training-recipe overrides."""
+    """One role of the pipeline: its network (the model and quant sections), KD method and recipe overrides.
 
-    model: str = "resnet_tiny"
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    w_bits: int = 32
-    a_bits: int = 32
+    The short form ``{model: NAME, model_kwargs: {...}, w_bits: B, a_bits: B}`` is accepted too."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
     method: str | None = None  # KD method (student only)
     train: dict[str, Any] = Field(default_factory=dict)  # overrides of the train section for this role
     search_train: dict[str, Any] = Field(default_factory=dict)  # overrides for this role's search members
 
-
-BASELINES = ("vanilla_teacher", "vanilla_student", "only_kd", "student_teacher_schedule")
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("model"), str) or "model_kwargs" in data:
+            model = data.get("model")
+            model = {"name": model} if isinstance(model, str) else dict(model or {})
+            if "model_kwargs" in data:
+                model["kwargs"] = data.pop("model_kwargs")
+            data["model"] = model
+        bits = {k: data.pop(k) for k in ("w_bits", "a_bits") if k in data}
+        if bits:
+            data["quant"] = {**dict(data.get("quant") or {}), **bits}
+        return data
 
 
 class PipelineConfig(_Section):
     teacher: RoleConfig = Field(default_factory=RoleConfig)
-    student: RoleConfig = Field(default_factory=lambda: RoleConfig(w_bits=4, a_bits=4, method="iikd"))
-    baselines: list[Literal["vanilla_teacher", "vanilla_student", "only_kd", "student_teacher_schedule"]] = \
-        Field(default_factory=lambda: list(BASELINES))
+    student: RoleConfig = Field(default_factory=lambda: RoleConfig(quant=QuantConfig(w_bits=4, a_bits=4),
+                                                                   method="iikd"))
+    baselines: list[str] = Field(default_factory=lambda: list(BASELINES))
     paper: str | None = None  # key of the paper table/setting this run reproduces (for the report)
+
+    @field_validator("baselines")
+    @classmethod
+    def _baselines(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in BASELINES]
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {', '.join(unknown)}: choose from {', '.join(BASELINES)}")
+        return names
 
 
 class Config(_Section):
@@ -272,6 +298,26 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def derive(cfg: Config, source: str = "derived config", **changes: Any) -> Config:
+    """A new config from ``cfg``: each keyword names a top-level key (``name``, ``out``) or a section.
+    A section given as a mapping updates that section's keys; given as a section object (e.g.
+    ``kd=KDConfig()``) or ``None`` (its defaults) it replaces the section. Validated like a file,
+    errors naming ``source``."""
+    data = cfg.model_dump(mode="json")
+    for key, value in changes.items():
+        if key not in Config.model_fields:
+            raise ValueError(f"derive: {key!r} is not a key of Config")
+        if isinstance(value, BaseModel):
+            data[key] = value.model_dump(mode="json")
+        elif value is None and key not in ("out",):
+            data[key] = {}
+        elif isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return validate_config(data, source)
 
 
 def dump_config(cfg: Config) -> str:

@@ -36,13 +36,13 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from collections import namedtuple
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from rolekd.augment.space import OPS, POLICY_LEN, validate_policy
 from rolekd.errors import UserError
+from rolekd.files import atomic_write
 
 FORMAT_NAME = "rolekd-schedule"
 FORMAT_VERSION = 1
@@ -464,20 +464,7 @@ def _load_json(text: str, name: str) -> Schedule:
 
 
 def _write_atomic(path: str | os.PathLike, text: str) -> None:
-    p = Path(path)
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(path, text)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..files import atomic_write
+from ..registry import Registry
 
 SAMPLE_PATH = Path(__file__).with_name("cifar10_sample.npz")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -127,11 +129,9 @@ def load_jpeg_npz(path: str | Path, name: str = "cifar10-jpeg", cache: bool = Tr
     classes = list(arrays.get("classes", CIFAR10_CLASSES))
     if cache:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp.npz")
-            np.savez(tmp, train_x=train_x, train_y=arrays["train_labels"], test_x=test_x,
-                     test_y=arrays["test_labels"], classes=np.array(classes))
-            os.replace(tmp, cached)
+            atomic_write(cached, lambda tmp: np.savez(tmp, train_x=train_x, train_y=arrays["train_labels"],
+                                                      test_x=test_x, test_y=arrays["test_labels"],
+                                                      classes=np.array(classes)))
         except OSError:
             pass  # caching is an optimisation only
     return _bundle(name, train_x, arrays["train_labels"], test_x, arrays["test_labels"], classes)
@@ -162,12 +162,26 @@ def load_torchvision_cifar(name: str, data_dir: str | None = None, download: boo
     return _bundle(name, np.asarray(tr.data), tr.targets, np.asarray(te.data), te.targets, tr.classes)
 
 
-_USER_DATASETS: dict[str, Callable[[], DataBundle]] = {}
+DATASETS: Registry[Callable[..., DataBundle]] = Registry(
+    "dataset", replace=True, hint="(or register yours with rolekd.data.register_dataset)")
+DATASETS.add("cifar10-sample", lambda path=None, data_dir=None, download=True:
+             load_jpeg_npz(path or SAMPLE_PATH, name="cifar10-sample", cache=False))
+DATASETS.add("cifar10-jpeg", lambda path=None, data_dir=None, download=True: _jpeg_copy(path))
+DATASETS.add("cifar10", lambda path=None, data_dir=None, download=True:
+             load_torchvision_cifar("cifar10", data_dir, download))
+DATASETS.add("cifar100", lambda path=None, data_dir=None, download=True:
+             load_torchvision_cifar("cifar100", data_dir, download))
+
+
+def _jpeg_copy(path: str | None) -> DataBundle:
+    if not path:
+        raise UserError("data.name=cifar10-jpeg needs data.path=/path/to/cifar10_jpeg.npz")
+    return load_jpeg_npz(path, name="cifar10-jpeg")
 
 
 def register_dataset(name: str, factory: Callable[[], DataBundle]) -> None:
     """Make ``data.name=<name>`` load ``factory()`` (e.g. :func:`bundle_from_dataset` of your data)."""
-    _USER_DATASETS[name] = factory
+    DATASETS.add(name, lambda path=None, data_dir=None, download=True: factory())
 
 
 def bundle_from_tensors(name: str, train_images, train_labels, test_images, test_labels,
@@ -198,22 +212,11 @@ def load_dataset(name: str, path: str | None = None, data_dir: str | None = None
                  download: bool = True) -> DataBundle:
     """The one entry point: ``cifar10-sample`` | ``cifar10-jpeg`` | ``cifar10`` | ``cifar100`` | a
     name given to :func:`register_dataset`."""
-    if name in _USER_DATASETS:
-        return _USER_DATASETS[name]()
-    if name == "cifar10-sample":
-        return load_jpeg_npz(path or SAMPLE_PATH, name=name, cache=False)
-    if name == "cifar10-jpeg":
-        if not path:
-            raise UserError("data.name=cifar10-jpeg needs data.path=/path/to/cifar10_jpeg.npz")
-        return load_jpeg_npz(path, name=name)
-    if name in ("cifar10", "cifar100"):
-        return load_torchvision_cifar(name, data_dir, download)
-    raise UserError(f"unknown dataset {name!r}: use one of {', '.join(dataset_names())} "
-                    "(or rolekd.data.register_dataset)")
+    return DATASETS.get(name)(path=path, data_dir=data_dir, download=download)
 
 
 def dataset_names() -> list[str]:
-    return ["cifar10-sample", "cifar10-jpeg", "cifar10", "cifar100", *_USER_DATASETS]
+    return DATASETS.names()
 
 
 def reduced_split(train: Split, train_size: int = 4000, val_size: int = 46000,

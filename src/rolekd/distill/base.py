@@ -6,21 +6,31 @@ task loss and the weight λ). Flags tell the objective what to record: ``needs_f
 ``kd_taps``), ``needs_embedding`` (the pre-logit input of ``kd_embedding``) and ``trains_teacher``
 (DML, where the teacher learns too). Methods with their own trainable parts implement
 ``prepare(teacher_model, batches)``, called once before KD training.
+
+Each method reads its own options from the ``kd`` config section (:meth:`Distiller.options_from`:
+``kd.options``, plus the documented shortcuts a method uses, e.g. ``kd.T`` for soft labels); its
+constructor checks them. Nothing outside a method switches on its name.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Iterable
+import inspect
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from ..config import KDConfig
 from ..errors import UserError
 from ..models.taps import Outputs
+from ..registry import Registry
 
-_REGISTRY: dict[str, type["Distiller"]] = {}
-_BUILTIN_MODULES = ("soft", "dml", "rkd", "kdsvd", "mhgd", "iikd")
+
+def _key(name: str) -> str:
+    return str(name).strip().lower().replace("-", "").replace("_", "")
+
+
+DISTILLERS: Registry[type["Distiller"]] = Registry("KD method", _key)
 
 
 def as_float(t: torch.Tensor) -> torch.Tensor:
@@ -52,42 +62,52 @@ class Distiller(nn.Module):
         """Detached parts of the last loss, for logging (``{}`` when the loss has one part)."""
         return {}
 
+    @classmethod
+    def options_from(cls, kd: KDConfig) -> dict[str, Any]:
+        """The constructor options this method reads from the ``kd`` config section: ``kd.options``."""
+        return dict(kd.options)
+
+    @classmethod
+    def from_config(cls, kd: KDConfig) -> "Distiller":
+        return _construct(cls, cls.options_from(kd))
+
+
+def _construct(cls: type[Distiller], kwargs: dict[str, Any]) -> Distiller:
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params) - {"self"})
+        if unknown:
+            accepted = ", ".join(n for n in params if n != "self") or "none"
+            raise UserError(f"KD method {cls.name!r} takes no option(s) {', '.join(unknown)} "
+                            f"(kd.options); accepted: {accepted}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise UserError(f"KD method {cls.name!r}: bad option ({e})") from None
+
 
 def register(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
     """Class decorator adding a :class:`Distiller` to the registry under ``name``."""
 
     def deco(cls: type[Distiller]) -> type[Distiller]:
-        _REGISTRY[name] = cls
         cls.name = name
-        return cls
+        return DISTILLERS.add(name, cls)
 
     return deco
 
 
-def _load_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(f"{__package__}.{mod}")
-
-
-def _key(name: str) -> str:
-    return str(name).strip().lower().replace("-", "").replace("_", "")
-
-
 def list_distillers() -> list[str]:
     """Registered method names, sorted."""
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return sorted(DISTILLERS.names())
+
+
+def distiller_class(name: str) -> type[Distiller]:
+    """The method class of ``name`` (case, ``-`` and ``_`` ignored, so ``KD-SVD`` works); UserError if
+    unknown."""
+    return DISTILLERS.get(name)
 
 
 def create_distiller(name: str, **kwargs) -> Distiller:
     """Build the KD loss ``name`` (``soft``, ``dml``, ``rkd``, ``kdsvd``, ``mhgd``, ``iikd``; case, ``-``
     and ``_`` are ignored, so ``KD-SVD`` works) with its keyword options; UserError if unknown."""
-    _load_builtins()
-    key = _key(name)
-    cls = next((c for n, c in _REGISTRY.items() if _key(n) == key), None)
-    if cls is None:
-        raise UserError(f"unknown KD method {name!r}: choose one of {', '.join(sorted(_REGISTRY))}")
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise UserError(f"KD method {cls.name!r}: bad option ({e})") from None
+    return _construct(distiller_class(name), kwargs)

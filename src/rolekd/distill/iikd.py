@@ -22,6 +22,11 @@ from .rkd import RelationalKD
 class IIKD(Distiller):
     """RKD (embeddings) + MHGD + KD-SVD (feature taps); :meth:`prepare` trains MHGD's attention."""
 
+    @classmethod
+    def options_from(cls, kd):
+        """``kd.prepare_epochs`` (a documented shortcut) and ``kd.options``."""
+        return {"prepare_epochs": kd.prepare_epochs, **kd.options}
+
     needs_features = True
     needs_embedding = True
     needs_prepare = True

@@ -81,6 +81,11 @@ def graph_kl(g_s: torch.Tensor, g_t: torch.Tensor) -> torch.Tensor:
 class MHGD(Distiller):
     """Multi-head graph distillation; call :meth:`prepare` on the teacher before KD training."""
 
+    @classmethod
+    def options_from(cls, kd):
+        """``kd.prepare_epochs`` (a documented shortcut) and ``kd.options``."""
+        return {"prepare_epochs": kd.prepare_epochs, **kd.options}
+
     needs_features = True
     needs_prepare = True
 

@@ -13,6 +13,10 @@ MHGD after its attention network's own training, so our 0-based KD epoch is the 
 clipping it is one backward of ``CE + λ·KD``. λ decays: by default ``×0.5`` every 60 epochs (paper
 §5.1); alternatively ``lam_milestones`` (fractions of the run) with ``lam_gamma`` (the authors' code
 uses ``[0.3, 0.6, 0.8]`` and 0.6).
+
+:class:`KDObjective` distils from a frozen teacher; :class:`MutualKDObjective` (DML) trains the teacher
+too, with its own optimizer. :func:`build_kd_objective` picks the one the method asks for
+(``Distiller.trains_teacher``).
 """
 
 from __future__ import annotations
@@ -48,22 +52,15 @@ def clip_factor(epoch: float, e0: float = 0.0) -> float:
 
 
 class KDObjective(Objective):
-    """Task loss + λ·KD loss with optional per-parameter KD gradient clipping.
+    """Task loss + λ·KD loss with optional per-parameter KD gradient clipping, from a frozen teacher.
 
-    ``teacher``: the teacher network (same input batch as the student). It is frozen (eval mode,
-    ``requires_grad`` off, forward under ``no_grad``) unless the distiller trains it (DML), in which
-    case it runs in train mode and is stepped here by its own optimizer: ``teacher_optimizer(params)``
-    if given, else a copy of the student's optimizer (class and hyper-parameters) once
-    :meth:`bind_student_optimizer` has been called. Its learning rate follows ``teacher_lr(epoch,
-    epochs)`` if given, else the student's current learning rate (scaled by the ratio of the two
-    optimizers' learning rates at binding time).
+    ``teacher``: the teacher network (same input batch as the student); eval mode, ``requires_grad``
+    off, forward under ``no_grad``.
     """
 
     def __init__(self, teacher: nn.Module, distiller: Distiller, lam: float = 0.4, lam_decay: float = 0.5,
                  lam_decay_every: int = 60, lam_milestones: Sequence[float] | None = None, lam_gamma: float = 0.6,
-                 clip_kd_grad: bool = True, clip_e0: float = 0.0,
-                 teacher_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
-                 teacher_lr: Callable[[int, int], float] | None = None):
+                 clip_kd_grad: bool = True, clip_e0: float = 0.0):
         if not isinstance(distiller, Distiller):
             raise TypeError(f"distiller must be a rolekd Distiller, got {type(distiller).__name__}")
         if lam < 0:
@@ -85,13 +82,7 @@ class KDObjective(Objective):
         self.lam_gamma = float(lam_gamma)
         self.clip_kd_grad = bool(clip_kd_grad)
         self.clip_e0 = float(clip_e0)
-        self.teacher_optimizer = teacher_optimizer
-        self.teacher_lr = teacher_lr
         self._epochs: int | None = None
-        self._student_opt: torch.optim.Optimizer | None = None
-        self._lr_ratio = 1.0
-        self._t_opt: torch.optim.Optimizer | None = None
-        self._pending_t_opt_state: dict | None = None
         self._s_taps: FeatureTaps | None = None
         self._s_taps_model: nn.Module | None = None
         self._t_taps = (FeatureTaps(teacher, features=distiller.needs_features, embedding=distiller.needs_embedding)
@@ -103,17 +94,9 @@ class KDObjective(Objective):
     def _uses_taps(self) -> bool:
         return self.distiller.needs_features or self.distiller.needs_embedding
 
-    @property
-    def trains_teacher(self) -> bool:
-        return self.distiller.trains_teacher
-
     def _set_teacher_mode(self) -> None:
-        if self.trains_teacher:
-            self.teacher.train()
-            self.teacher.requires_grad_(True)
-        else:
-            self.teacher.eval()
-            self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.teacher.requires_grad_(False)
 
     def lam_at(self, epoch: int, epochs: int | None = None) -> float:
         """λ at a 0-based epoch: ``lam * lam_decay ** (epoch // lam_decay_every)``, or with milestones
@@ -125,10 +108,6 @@ class KDObjective(Objective):
             n = sum(1 for m in self.lam_milestones if epoch >= int(m * epochs))
             return self.lam * self.lam_gamma ** n
         return self.lam * self.lam_decay ** (epoch // self.lam_decay_every)
-
-    def clip_factor(self, epoch: int) -> float:
-        """``sigmoid(epoch - clip_e0)``: the KD gradient's bound relative to the task gradient's norm."""
-        return clip_factor(epoch, self.clip_e0)
 
     # ------------------------------------------------------------------ trainer hooks
     def setup(self, model: nn.Module, device: torch.device) -> None:
@@ -154,48 +133,6 @@ class KDObjective(Objective):
     def needs_prepare(self) -> bool:
         return self.distiller.needs_prepare and not self.distiller.is_prepared
 
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """The trainer's hook: same as :meth:`bind_student_optimizer`."""
-        self.bind_student_optimizer(optimizer)
-
-    def bind_student_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Give DML the student's optimizer: the teacher's optimizer copies it (unless ``teacher_optimizer``
-        was given) and the teacher's learning rate follows the student's."""
-        self._student_opt = optimizer
-        if self._t_opt is not None:
-            self._lr_ratio = self._t_opt.param_groups[0]["lr"] / optimizer.param_groups[0]["lr"]
-
-    # ------------------------------------------------------------------ DML teacher optimizer
-    def _teacher_optim(self) -> torch.optim.Optimizer:
-        if self._t_opt is None:
-            params = [p for p in self.teacher.parameters() if p.requires_grad]
-            if self.teacher_optimizer is not None:
-                self._t_opt = self.teacher_optimizer(params)
-            elif self._student_opt is not None:
-                s = self._student_opt
-                kwargs = dict(s.defaults)
-                kwargs["lr"] = s.param_groups[0]["lr"]
-                self._t_opt = type(s)(params, **kwargs)
-            else:
-                raise RuntimeError("DML trains the teacher: pass teacher_optimizer=... to KDObjective or call "
-                                   "bind_student_optimizer(optimizer) before training")
-            if self._student_opt is not None:
-                self._lr_ratio = self._t_opt.param_groups[0]["lr"] / self._student_opt.param_groups[0]["lr"]
-            if self._pending_t_opt_state is not None:
-                self._t_opt.load_state_dict(self._pending_t_opt_state)
-                self._pending_t_opt_state = None
-        return self._t_opt
-
-    def _sync_teacher_lr(self, opt: torch.optim.Optimizer, epoch: int, epochs: int) -> None:
-        if self.teacher_lr is not None:
-            lr = float(self.teacher_lr(epoch, epochs))
-        elif self._student_opt is not None:
-            lr = self._student_opt.param_groups[0]["lr"] * self._lr_ratio
-        else:
-            return
-        for g in opt.param_groups:
-            g["lr"] = lr
-
     # ------------------------------------------------------------------ one step
     def _student_taps(self, model: nn.Module) -> FeatureTaps:
         base = getattr(model, "_orig_mod", model)  # hooks go on the eager module (torch.compile keeps it)
@@ -217,31 +154,22 @@ class KDObjective(Objective):
             return self._t_taps(images)
         return Outputs(self.teacher(images))
 
+    def _teacher_outputs(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx,
+                         lam: float) -> tuple[Outputs, Outputs]:
+        """(teacher, student) outputs of one batch: the frozen teacher without gradients."""
+        if self.teacher.training:
+            self.teacher.eval()
+        with torch.no_grad(), ctx.autocast():
+            t_out = self._forward_teacher(images)
+        with ctx.autocast():
+            s_out = self._forward_student(model, images)
+        return t_out, s_out
+
     def train_step(self, model, images, labels, ctx):
         lam = self.lam_at(ctx.epoch, ctx.epochs)
         self._epochs = ctx.epochs
         d = self.distiller
-        if self.trains_teacher:
-            if not self.teacher.training:
-                self.teacher.train()
-            with ctx.autocast():
-                t_out = self._forward_teacher(images)
-                s_out = self._forward_student(model, images)
-            opt = self._teacher_optim()
-            self._sync_teacher_lr(opt, ctx.epoch, ctx.epochs)
-            t_loss = d.teacher_loss(s_out.logits.detach().float(), t_out.logits.float(), labels, lam)
-            opt.zero_grad(set_to_none=True)
-            t_loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            t_out = _detached(t_out)
-        else:
-            if self.teacher.training:
-                self.teacher.eval()
-            with torch.no_grad(), ctx.autocast():
-                t_out = self._forward_teacher(images)
-            with ctx.autocast():
-                s_out = self._forward_student(model, images)
+        t_out, s_out = self._teacher_outputs(model, images, labels, ctx, lam)
         s_out, t_out = _as_float(s_out), _as_float(t_out)
         task = F.cross_entropy(s_out.logits, labels)
         kd = d(s_out, t_out, labels)
@@ -261,7 +189,7 @@ class KDObjective(Objective):
         extra = [p for p in self.distiller.parameters() if p.requires_grad]
         g_task = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
         g_kd = torch.autograd.grad(kd_w, params + extra, allow_unused=True)
-        factor = self.clip_factor(epoch)
+        factor = clip_factor(epoch, self.clip_e0)
         # tf.clip_by_norm per parameter, batched over all parameters (few kernel launches on a GPU)
         pairs = [(p, gt, gk) for p, gt, gk in zip(params, g_task, g_kd[:len(params)]) if gk is not None]
         for p, gt, gk in zip(params, g_task, g_kd[:len(params)]):
@@ -281,26 +209,11 @@ class KDObjective(Objective):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        state = {"distiller": self.distiller.state_dict()}
-        if self.trains_teacher:
-            state["teacher"] = self.teacher.state_dict()
-            state["teacher_optimizer"] = (self._t_opt.state_dict() if self._t_opt is not None
-                                          else self._pending_t_opt_state)
-        return state
+        return {"distiller": self.distiller.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        if "distiller" in state:
+        if state and "distiller" in state:
             self.distiller.load_state_dict(state["distiller"])
-        if self.trains_teacher and state.get("teacher") is not None:
-            self.teacher.load_state_dict(state["teacher"])
-            opt_state = state.get("teacher_optimizer")
-            if opt_state is not None:
-                if self._t_opt is not None:
-                    self._t_opt.load_state_dict(opt_state)
-                else:
-                    self._pending_t_opt_state = opt_state
 
     def close(self) -> None:
         """Remove the feature hooks this objective registered."""
@@ -308,6 +221,86 @@ class KDObjective(Objective):
             if taps is not None:
                 taps.remove()
         self._s_taps = self._s_taps_model = None
+
+
+class MutualKDObjective(KDObjective):
+    """Deep mutual learning: the teacher learns too (train mode), from the distiller's
+    :meth:`teacher_loss`, stepped here by its own optimizer: ``teacher_optimizer(params)`` if given,
+    else a copy of the trainer's optimizer (class and hyper-parameters, given by :meth:`bind_optimizer`)
+    whose learning rate follows the trainer's (scaled by the two optimizers' ratio at creation)."""
+
+    def __init__(self, teacher: nn.Module, distiller: Distiller,
+                 teacher_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+                 **kwargs):
+        self.teacher_optimizer = teacher_optimizer
+        self._student_opt: torch.optim.Optimizer | None = None
+        self._lr_ratio = 1.0
+        self._t_opt: torch.optim.Optimizer | None = None
+        self._pending_t_opt_state: dict | None = None
+        super().__init__(teacher, distiller, **kwargs)
+
+    def _set_teacher_mode(self) -> None:
+        self.teacher.train()
+        self.teacher.requires_grad_(True)
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self._student_opt = optimizer
+        if self._t_opt is not None:
+            self._lr_ratio = self._t_opt.param_groups[0]["lr"] / optimizer.param_groups[0]["lr"]
+
+    def _teacher_optim(self) -> torch.optim.Optimizer:
+        if self._t_opt is None:
+            params = [p for p in self.teacher.parameters() if p.requires_grad]
+            if self.teacher_optimizer is not None:
+                self._t_opt = self.teacher_optimizer(params)
+            elif self._student_opt is not None:
+                s = self._student_opt
+                kwargs = dict(s.defaults)
+                kwargs["lr"] = s.param_groups[0]["lr"]
+                self._t_opt = type(s)(params, **kwargs)
+            else:
+                raise RuntimeError("DML trains the teacher: pass teacher_optimizer=... or call "
+                                   "bind_optimizer(optimizer) before training")
+            if self._student_opt is not None:
+                self._lr_ratio = self._t_opt.param_groups[0]["lr"] / self._student_opt.param_groups[0]["lr"]
+            if self._pending_t_opt_state is not None:
+                self._t_opt.load_state_dict(self._pending_t_opt_state)
+                self._pending_t_opt_state = None
+        return self._t_opt
+
+    def _teacher_outputs(self, model, images, labels, ctx, lam):
+        if not self.teacher.training:
+            self.teacher.train()
+        with ctx.autocast():
+            t_out = self._forward_teacher(images)
+            s_out = self._forward_student(model, images)
+        opt = self._teacher_optim()
+        if self._student_opt is not None:
+            for g in opt.param_groups:
+                g["lr"] = self._student_opt.param_groups[0]["lr"] * self._lr_ratio
+        t_loss = self.distiller.teacher_loss(s_out.logits.detach().float(), t_out.logits.float(), labels, lam)
+        opt.zero_grad(set_to_none=True)
+        t_loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return _detached(t_out), s_out
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["teacher"] = self.teacher.state_dict()
+        state["teacher_optimizer"] = self._t_opt.state_dict() if self._t_opt is not None else self._pending_t_opt_state
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if state and state.get("teacher") is not None:
+            self.teacher.load_state_dict(state["teacher"])
+            opt_state = state.get("teacher_optimizer")
+            if opt_state is not None:
+                if self._t_opt is not None:
+                    self._t_opt.load_state_dict(opt_state)
+                else:
+                    self._pending_t_opt_state = opt_state
 
 
 def _accumulate(p: nn.Parameter, g: torch.Tensor | None) -> None:
@@ -319,16 +312,22 @@ def _accumulate(p: nn.Parameter, g: torch.Tensor | None) -> None:
         p.grad.add_(g.detach())
 
 
-_OBJECTIVE_KEYS = {"lam", "lam_decay", "lam_decay_every", "lam_milestones", "lam_gamma", "clip_kd_grad", "clip_e0",
-                   "teacher_optimizer", "teacher_lr"}
+_OBJECTIVE_KEYS = {"lam", "lam_decay", "lam_decay_every", "lam_milestones", "lam_gamma", "clip_kd_grad", "clip_e0"}
 
 
-def build_kd_objective(method: str, teacher: nn.Module, **kwargs) -> KDObjective:
-    """``KDObjective(teacher, create_distiller(method, ...), ...)``: objective options (``lam``,
-    ``lam_decay``, ``lam_decay_every``, ``lam_milestones``, ``lam_gamma``, ``clip_kd_grad`` (alias
-    ``clip``), ``clip_e0``, ``teacher_optimizer``, ``teacher_lr``) go to the objective, the rest to the
-    distiller (e.g. ``T`` for soft, ``prepare_epochs`` for mhgd/iikd)."""
+def build_kd_objective(method: str | Distiller, teacher: nn.Module, **kwargs) -> KDObjective:
+    """The KD objective of ``method`` (a name, or a built :class:`Distiller`) with ``teacher``: objective
+    options (``lam``, ``lam_decay``, ``lam_decay_every``, ``lam_milestones``, ``lam_gamma``,
+    ``clip_kd_grad`` (alias ``clip``), ``clip_e0``; ``teacher_optimizer`` for a method that trains the
+    teacher) go to the objective, the rest to the distiller (e.g. ``T`` for soft). A method that trains
+    the teacher (DML) gets a :class:`MutualKDObjective`."""
     if "clip" in kwargs:
         kwargs["clip_kd_grad"] = kwargs.pop("clip")
     okw = {k: kwargs.pop(k) for k in list(kwargs) if k in _OBJECTIVE_KEYS}
-    return KDObjective(teacher, create_distiller(method, **kwargs), **okw)
+    t_opt = kwargs.pop("teacher_optimizer", None)
+    distiller = method if isinstance(method, Distiller) else create_distiller(method, **kwargs)
+    if distiller.trains_teacher:
+        return MutualKDObjective(teacher, distiller, teacher_optimizer=t_opt, **okw)
+    if t_opt is not None:
+        raise UserError(f"KD method {distiller.name!r} does not train the teacher: teacher_optimizer does not apply")
+    return KDObjective(teacher, distiller, **okw)

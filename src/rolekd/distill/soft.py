@@ -23,6 +23,11 @@ def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 class SoftLabel(Distiller):
     """Hinton's soft-label KD on the logits."""
 
+    @classmethod
+    def options_from(cls, kd):
+        """``kd.T`` (a documented shortcut) and ``kd.options``."""
+        return {"T": kd.T, **kd.options}
+
     def __init__(self, T: float = 4.0):
         super().__init__()
         if not T > 0:

@@ -24,6 +24,7 @@ from typing import Callable
 from torch import nn
 
 from rolekd.errors import UserError
+from rolekd.registry import Registry
 
 __all__ = ["create", "list_models", "register_model", "register_family", "normalise_name"]
 
@@ -36,7 +37,7 @@ class _Family:
     builder: Callable[..., nn.Module]
 
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_MODELS: Registry[Callable[..., nn.Module]] = Registry("model", lambda n: normalise_name(n))
 _FAMILIES: list[_Family] = []
 
 
@@ -52,11 +53,7 @@ def register_model(fn_or_name=None):
     """
 
     def deco(fn, name=None):
-        key = normalise_name(name or fn.__name__)
-        if key in _MODELS:
-            raise ValueError(f"model {key!r} is already registered")
-        _MODELS[key] = fn
-        return fn
+        return _MODELS.add(normalise_name(name or fn.__name__), fn)
 
     if callable(fn_or_name):
         return deco(fn_or_name)
@@ -105,8 +102,8 @@ def create(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
     key = normalise_name(name)
-    if key in _MODELS:
-        fn = _MODELS[key]
+    fn = _MODELS.find(key)
+    if fn is not None:
         _check_kwargs(fn, key, kwargs, skip=0)
         return fn(num_classes=num_classes, **kwargs)
     for fam in _FAMILIES:

@@ -1,8 +1,8 @@
 """``rolekd run``: stage α and stage β end to end, with the paper's baselines, then the report.
 
-One run directory holds every stage in a sub-directory; each stage is an ordinary ``rolekd search``
-or ``rolekd train``/``distill`` run, so rerunning the same command skips finished stages and resumes
-an interrupted one:
+One run directory holds every stage of :data:`rolekd.stages.STAGES` in a sub-directory; each stage is
+an ordinary ``rolekd search`` or ``rolekd train``/``distill`` run, so rerunning the same command skips
+finished stages and resumes an interrupted one:
 
     alpha_search/             PBA search of the teacher's schedule A_T (reduced split)
     teacher/                  teacher retrained on the full training set with A_T
@@ -13,6 +13,9 @@ an interrupted one:
     only_kd/                  baseline: KD, base augmentation only (no learned schedule)
     student_teacher_schedule/ baseline: KD with the teacher's schedule A_T (the paper's Table 3)
     report.md, figures/
+
+All stages of one run share one :class:`~rolekd.experiment.Session` (the decoded data, the frozen
+teacher and MHGD's prepared attention are made once).
 """
 
 from __future__ import annotations
@@ -20,83 +23,65 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import Config, RoleConfig, load_config, validate_config
+from ..config import Config, derive, load_config
 from ..errors import UserError
+from ..experiment import Session, prepare_run_dir, search_from_config, train_from_config
+from ..files import atomic_write
+from ..report import build_report
+from ..stages import STAGES, TEACHER_STAGE, Stage
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
-STAGES = ("alpha_search", "teacher", "vanilla_teacher", "beta_search", "student", "vanilla_student", "only_kd",
-          "student_teacher_schedule")
 
-
-def _role_config(cfg: Config, role: RoleConfig, stage: str, root: Path, *, search: bool = False,
-                 kd: bool = False, schedule: Path | None = None, teacher: Path | None = None) -> Config:
-    d = cfg.model_dump(mode="json")
-    d["name"] = f"{cfg.name}/{stage}"
-    d["out"] = str(root / stage)
-    d["model"] = {"name": role.model, "kwargs": dict(role.model_kwargs)}
-    d["quant"] = {"w_bits": role.w_bits, "a_bits": role.a_bits}
-    d["train"].update(role.train)
-    if search:
-        d["train"].update(role.search_train)
-        d["data"]["split"] = "reduced"
-        d["search"]["role"] = "student" if teacher is not None else "teacher"
+def stage_config(cfg: Config, st: Stage, root: Path) -> Config:
+    """The config of pipeline stage ``st`` of the pipeline ``cfg`` whose run directory is ``root``."""
+    role = cfg.pipeline.teacher if st.role == "teacher" else cfg.pipeline.student
+    train = dict(role.train)
+    changes: dict = {}
+    if st.kind == "search":
+        train.update(role.search_train)
+        changes["search"] = {"role": st.role}
     else:
-        d["data"]["split"] = "full"
-    d["kd"]["method"] = role.method if kd else None
-    d["kd"]["teacher"] = str(teacher) if teacher is not None else None
-    if schedule is not None:
-        d["augment"]["schedule"] = str(schedule)
-        d["augment"]["schedule_epochs"] = None
+        changes["data"] = {"split": "full"}
+    teacher = root / TEACHER_STAGE if (st.kd or st.init == "teacher") else None
+    kd = {"method": role.method if st.kd else None, "teacher": str(teacher) if teacher is not None else None}
+    if teacher is not None:
+        kd["init_from_teacher"] = st.init == "teacher" and cfg.kd.init_from_teacher
+    augment = {}
+    if st.schedule is not None:
         # map the searched schedule proportionally onto the retraining's epochs (PBA's multiplier for
         # integer ratios, without its truncation for the others)
-        d["augment"]["multiplier"] = 1.0
-        d["augment"]["fit_epochs"] = True
-    d["pipeline"] = {}
-    return validate_config(d, f"pipeline stage {stage}")
+        augment = {"schedule": str(root / st.schedule / "schedule.json"), "schedule_epochs": None,
+                   "multiplier": 1.0, "fit_epochs": True}
+    return derive(cfg, f"pipeline stage {st.name}", name=f"{cfg.name}/{st.name}", out=str(root / st.name),
+                  model=role.model, quant=role.quant, train=train, kd=kd, augment=augment, pipeline=None,
+                  **changes)
 
 
 def stage_configs(cfg: Config, root: Path | None = None) -> dict[str, Config]:
     """The config of every stage the pipeline will run, in order."""
     root = Path(root or cfg.run_dir())
-    p = cfg.pipeline
-    if not p.student.method:
+    if not cfg.pipeline.student.method:
         raise UserError("pipeline.student.method is not set: choose soft, dml, rkd, kdsvd, mhgd or iikd")
-    a_t = root / "alpha_search" / "schedule.json"
-    a_s = root / "beta_search" / "schedule.json"
-    teacher = root / "teacher"
-    out = {
-        "alpha_search": _role_config(cfg, p.teacher, "alpha_search", root, search=True),
-        "teacher": _role_config(cfg, p.teacher, "teacher", root, schedule=a_t),
-        "vanilla_teacher": _role_config(cfg, p.teacher, "vanilla_teacher", root),
-        "beta_search": _role_config(cfg, p.student, "beta_search", root, search=True, kd=True, teacher=teacher),
-        "student": _role_config(cfg, p.student, "student", root, kd=True, schedule=a_s, teacher=teacher),
-        "vanilla_student": _role_config(cfg, p.student, "vanilla_student", root, teacher=teacher),
-        "only_kd": _role_config(cfg, p.student, "only_kd", root, kd=True, teacher=teacher),
-        "student_teacher_schedule": _role_config(cfg, p.student, "student_teacher_schedule", root, kd=True,
-                                                 schedule=a_t, teacher=teacher),
-    }
-    return {k: v for k, v in out.items() if k not in {
-        "vanilla_teacher", "vanilla_student", "only_kd", "student_teacher_schedule"} or k in p.baselines}
+    return {st.name: stage_config(cfg, st, root) for st in STAGES
+            if not st.baseline or st.name in cfg.pipeline.baselines}
 
 
 def run_pipeline(config: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """Run (or resume) every stage, then write ``report.md``. Returns {stage: result}."""
-    from ..report import build_report
-    from ..search.run import search_from_config
-    from ..train.run import prepare_run_dir, train_from_config
-
     cfg = load_config(config if config is not None else QUICKSTART, overrides)
     root = prepare_run_dir(cfg)
     stages = stage_configs(cfg, root)
+    kinds = {st.name: st.kind for st in STAGES}
     results: dict[str, dict] = {}
-    for i, (stage, scfg) in enumerate(stages.items(), 1):
-        print(f"== rolekd run: stage {i}/{len(stages)}: {stage} -> {scfg.out}", flush=True)
-        if stage.endswith("_search"):
-            results[stage] = search_from_config(scfg)
-        else:
-            results[stage] = train_from_config(scfg, log_name=stage)
-    (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    with Session() as session:
+        for i, (name, scfg) in enumerate(stages.items(), 1):
+            print(f"== rolekd run: stage {i}/{len(stages)}: {name} -> {scfg.out}", flush=True)
+            if kinds[name] == "search":
+                results[name] = search_from_config(scfg, session=session)
+            else:
+                results[name] = train_from_config(scfg, log_name=name, session=session)
+    atomic_write(root / "results.json", json.dumps(results, indent=2, default=str))
     report = build_report(root)
     print(f"report: {report}")
     return results

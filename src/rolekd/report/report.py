@@ -12,18 +12,29 @@ import json
 import platform
 from pathlib import Path
 
+import numpy
+import torch
 import yaml
 
+from .. import __version__
+from ..augment.schedule import Schedule
 from ..errors import UserError
+from ..files import atomic_write
+from ..plots import plot_rewards, plot_schedules_side_by_side, plot_test_curves
+from ..stages import STAGES
 
 PAPER_FILE = Path(__file__).with_name("paper.yaml")
 
-TEACHER_ROWS = [("vanilla_teacher", "vanilla (base augmentation)", "vanilla"),
-                ("teacher", "stage α (teacher schedule A_T)", "stage_alpha")]
-STUDENT_ROWS = [("vanilla_student", "vanilla low-bit (teacher init, no KD)", "vanilla"),
-                ("only_kd", "only KD (no learned schedule)", "only_kd"),
-                ("student_teacher_schedule", "KD + teacher's schedule A_T", "student_teacher_schedule"),
-                ("student", "stage β (KD + student schedule A_S)", "stage_beta")]
+
+def _rows(role: str) -> list[tuple[str, str, str | None]]:
+    """(stage, label, paper row) of the trained stages of ``role``: baselines first, in table order."""
+    trained = [st for st in STAGES if st.kind == "train" and st.role == role]
+    return [(st.name, st.label, st.paper_row) for st in sorted(trained, key=lambda st: not st.baseline)]
+
+
+TEACHER_ROWS = _rows("teacher")
+STUDENT_ROWS = _rows("student")
+SEARCHES = [st.name for st in STAGES if st.kind == "search"]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -86,25 +97,27 @@ def _table(title: str, rows, stages: dict, setting: str, model: str, dataset: st
     return lines + [""]
 
 
-def _read_rewards(path: Path) -> dict[str, list[tuple[int, float]]]:
-    out: dict[str, list[tuple[int, float]]] = {}
+def _read_csv(path: Path) -> list[dict]:
     if not path.is_file():
-        return out
+        return []
     with open(path) as f:
-        for r in csv.DictReader(f):
+        return list(csv.DictReader(f))
+
+
+def _read_exploits(path: Path) -> list[dict]:
+    """The exploits of ``pbt_global.txt``: epoch, target, clone."""
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
             try:
-                out.setdefault(str(r["member"]), []).append((int(r["epoch"]), float(r["val_acc"])))
-            except (KeyError, ValueError):
+                target, clone, epoch = json.loads(line)[:3]
+                out.append({"epoch": int(epoch), "target": int(target), "clone": int(clone)})
+            except (ValueError, TypeError):
                 continue
     return out
 
 
 def _figures(root: Path, stages: dict) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig_dir = root / "figures"
     fig_dir.mkdir(exist_ok=True)
     lines = []
@@ -112,29 +125,16 @@ def _figures(root: Path, stages: dict) -> list[str]:
     for role, d in (("teacher (A_T)", "alpha_search"), ("student (A_S)", "beta_search")):
         f = root / d / "schedule.json"
         if f.is_file():
-            from ..augment.schedule import Schedule
-
             scheds[role] = Schedule.load(f)
     if scheds:
-        from ..augment.plot import plot_schedules_side_by_side
-
         plot_schedules_side_by_side(scheds, fig_dir / "schedules.png")
         lines.append("![schedules](figures/schedules.png)")
-    rewards = {d: _read_rewards(root / d / "rewards.csv") for d in ("alpha_search", "beta_search")}
+    rewards = {d: _read_csv(root / d / "rewards.csv") for d in SEARCHES}
     rewards = {k: v for k, v in rewards.items() if v}
     if rewards:
-        fig, axes = plt.subplots(1, len(rewards), figsize=(6 * len(rewards), 4), squeeze=False)
-        for ax, (d, members) in zip(axes[0], rewards.items()):
-            for m, pts in sorted(members.items()):
-                pts = sorted(pts)
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], lw=1, alpha=0.8, label=f"member {m}")
-            ax.set_title(f"{d}: population rewards")
-            ax.set_xlabel("epoch")
-            ax.set_ylabel("validation accuracy (%)")
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "rewards.png", dpi=110)
-        plt.close(fig)
+        best = {d: int(stages[d]["best_member"]) for d in rewards if "best_member" in stages.get(d, {})}
+        exploits = {d: _read_exploits(root / d / "pbt_global.txt") for d in rewards}
+        plot_rewards(rewards, fig_dir / "rewards.png", best=best, exploits=exploits)
         lines.append("![search rewards](figures/rewards.png)")
     curves = {}
     for d in stages:
@@ -145,27 +145,12 @@ def _figures(root: Path, stages: dict) -> list[str]:
             if pts:
                 curves[d] = pts
     if curves:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for d, pts in curves.items():
-            ax.plot(*zip(*pts), marker=".", label=d)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title("test accuracy per epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "test_curves.png", dpi=110)
-        plt.close(fig)
+        plot_test_curves(curves, fig_dir / "test_curves.png")
         lines.append("![test curves](figures/test_curves.png)")
     return lines
 
 
 def _versions() -> list[str]:
-    import numpy
-    import torch
-
-    from .. import __version__
-
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return [f"- rolekd {__version__}, Python {platform.python_version()}, torch {torch.__version__}, "
             f"numpy {numpy.__version__}, {platform.platform()}, device: {dev}"]
@@ -197,7 +182,7 @@ def build_report(root: str | Path) -> Path:
         if van is not None:
             verdict.append(f"vs vanilla low-bit: {100 * (beta - van):+.2f} points")
         lines += ["**" + "; ".join(verdict) + ".**", ""]
-    searches = [(k, v) for k, v in stages.items() if k.endswith("_search")]
+    searches = [(k, stages[k]) for k in SEARCHES if k in stages]
     if searches:
         lines += ["### Searches", "", "| search | best member | best val acc (%) | exploits | wall time (s) |",
                   "|---|---:|---:|---:|---:|"]
@@ -209,6 +194,4 @@ def build_report(root: str | Path) -> Path:
     lines += ["## Figures", ""] + _figures(root, stages) + [""]
     lines += ["## Config", "", "```yaml", (root / "config.yaml").read_text().rstrip(), "```", "", "## Versions", ""]
     lines += _versions() + [""]
-    out = root / "report.md"
-    out.write_text("\n".join(lines))
-    return out
+    return atomic_write(root / "report.md", "\n".join(lines))

@@ -3,22 +3,19 @@
 * :mod:`rolekd.search.pbt` -- the controller: ranking, exploit/explore, lineages, PBT logs;
 * :mod:`rolekd.search.members` -- a member (a trainer + its policy) and the local executor;
 * :mod:`rolekd.search.ray_executor` -- members as Ray actors;
-* :mod:`rolekd.search.run` -- :func:`search_from_config`, the ``rolekd search`` command.
+* :mod:`rolekd.search.run` -- :class:`Search`, one search in a run directory (rounds, logs, resume).
+
+Members' trainers come from a member factory the caller gives (the experiment layer's);
+:func:`rolekd.experiment.search_from_config` runs a search from a config.
 """
 
-from .members import LocalExecutor, Member, NonFiniteLoss, Outcome, member_config, member_seed
+from .members import LocalExecutor, Member, MemberFactory, Outcome, member_config, member_seed
 from .pbt import (ZERO_POLICY, Exploit, PBTController, explore, parse_policy_string, policy_string,
                   quantile_size, rank)
-from .run import Search, search_config, search_from_config
+from .ray_executor import RayExecutor
+from .run import Search, finished_search, search_config
 
-__all__ = ["search_from_config", "search_config", "Search", "PBTController", "Exploit", "explore", "rank",
+__all__ = ["finished_search", "search_config", "Search", "MemberFactory", "PBTController", "Exploit", "explore", "rank",
            "quantile_size", "policy_string", "parse_policy_string", "ZERO_POLICY", "Member", "LocalExecutor",
-           "Outcome", "NonFiniteLoss", "member_config", "member_seed", "RayExecutor"]
+           "Outcome", "member_config", "member_seed", "RayExecutor"]
 
-
-def __getattr__(name):
-    if name == "RayExecutor":
-        from .ray_executor import RayExecutor
-
-        return RayExecutor
-    raise AttributeError(name)

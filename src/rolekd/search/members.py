@@ -1,11 +1,12 @@
 """Search members and the local executor.
 
-A :class:`Member` is one trainer of the population (built with :func:`rolekd.train.run.build_job`,
-so it shares the trainer, data pipeline, augmentation and KD objective of ordinary runs) plus the
-policy it trains with. Its randomness is its own: the loader generator lives in its trainer, and the
-process-wide torch RNG state is swapped in and out around every round, so members trained one after
-another in one process draw exactly what they would draw each in a process of its own (the Ray
-executor), and an exploit copies weights and optimizer state but never the random streams.
+A :class:`Member` is one trainer of the population plus the policy it trains with. Its trainer is made
+by a *member factory* ``factory(member_config, index, policy_for_epoch) -> Trainer`` that the caller
+gives (the experiment layer's, so a member has the data pipeline, augmentation and KD objective of
+ordinary runs). Its randomness is its own: the loader generator lives in its trainer, and the trainer
+keeps its own torch random streams (``own_rng``), so members trained one after another in one process
+draw exactly what they would draw each in a process of its own (the Ray executor), and an exploit
+copies weights and optimizer state but never the random streams.
 
 An *executor* runs the population. Its interface is what the controller needs and nothing more, so
 that a batched executor (several members at once on one GPU) can slot in:
@@ -24,22 +25,19 @@ that a batched executor (several members at once on one GPU) can slot in:
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..augment.space import validate_policy
-from ..config import Config
+from ..config import Config, KDConfig, derive
 from ..errors import UserError
+from ..train import NonFiniteLoss, Trainer
 from .pbt import ZERO_POLICY
 
-
-class NonFiniteLoss(RuntimeError):
-    """A member's training loss became NaN or infinite."""
+MemberFactory = Callable[[Config, int, Callable[[int], Sequence[int]]], Trainer]
 
 
 def member_seed(search_seed: int, index: int) -> int:
@@ -50,20 +48,15 @@ def member_seed(search_seed: int, index: int) -> int:
 def member_config(cfg: Config, index: int) -> Config:
     """The training config of member ``index`` of the search ``cfg``.
 
-    Reduced split; one run of ``search.epochs`` epochs (the LR schedule spans the search); the
-    member's own seed; no schedule file (the controller sets the policy); no per-step progress bar.
-    Role ``teacher`` trains plainly (KD settings dropped); role ``student`` keeps ``kd`` and ``quant``.
+    The search's data split (reduced); one run of ``search.epochs`` epochs (the LR schedule spans the
+    search); the member's own seed; no schedule file (the controller sets the policy); no per-step
+    progress bar. Role ``teacher`` trains plainly (KD settings dropped); role ``student`` keeps ``kd``
+    and ``quant``.
     """
-    data = cfg.model_dump(mode="json")
-    data["data"]["split"] = "reduced"
-    data["train"]["epochs"] = cfg.search.epochs
-    data["train"]["seed"] = member_seed(cfg.search.seed, index)
-    data["train"]["progress"] = False
-    data["augment"]["schedule"] = None
-    data["augment"]["schedule_epochs"] = None
-    if cfg.search.role == "teacher":
-        data["kd"] = {}
-    return Config.model_validate(data)
+    return derive(cfg, f"search member {index}",
+                  train={"epochs": cfg.search.epochs, "seed": member_seed(cfg.search.seed, index), "progress": False},
+                  augment={"schedule": None, "schedule_epochs": None},
+                  **({"kd": KDConfig()} if cfg.search.role == "teacher" else {}))
 
 
 def clone_state(obj: Any, device: torch.device | str | None = None) -> Any:
@@ -99,23 +92,17 @@ class Outcome:
 
 
 class Member:
-    """One population member: a trainer built from the member config, its policy and RNG state."""
+    """One population member: a trainer built by the member factory, its policy and last good state."""
 
-    def __init__(self, cfg: Config, index: int, share_with: "Member | None" = None):
-        from ..train.run import build_job
-
+    def __init__(self, factory: MemberFactory, cfg: Config, index: int, share_with: "Member | None" = None):
         self.index = int(index)
         self.cfg = cfg
         self.policy: list[int] = list(ZERO_POLICY)
-        job = build_job(cfg, policy_for_epoch=lambda epoch: self.policy, log_name=f"member{index}")
-        self.trainer = job.trainer
+        self.trainer = factory(cfg, self.index, lambda epoch: self.policy)
         if "val" not in self.trainer.eval_loaders:
             raise UserError("the search needs the reduced split's validation set: data.split=reduced")
         if share_with is not None:
             self._share_data(share_with)
-        self.cuda = self.trainer.device.type == "cuda"
-        self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state(self.trainer.device) if self.cuda else None
         self.good: dict | None = None  # last good state (see snapshot/restore)
 
     def _share_data(self, other: "Member") -> None:
@@ -127,67 +114,29 @@ class Member:
         mine.images, mine.labels = theirs.images, theirs.labels
         self.trainer.eval_loaders = dict(other.trainer.eval_loaders)  # unshuffled, no augmentation: stateless
 
-    # ------------------------------------------------------------------------------ RNG isolation
-    def _enter_rng(self) -> None:
-        torch.set_rng_state(self.cpu_rng)
-        if self.cuda and self.cuda_rng is not None:
-            torch.cuda.set_rng_state(self.cuda_rng, self.trainer.device)
-
-    def _leave_rng(self) -> None:
-        self.cpu_rng = torch.get_rng_state()
-        if self.cuda:
-            self.cuda_rng = torch.cuda.get_rng_state(self.trainer.device)
-
     # ------------------------------------------------------------------------------ training
     def train(self, epochs: int, policy: Sequence[int]) -> Outcome:
-        """Train ``epochs`` epochs with ``policy``; the last epoch (and every ``train.eval_every``-th)
-        is evaluated on the validation split. Raises :class:`NonFiniteLoss` on a NaN/inf loss."""
+        """Train ``epochs`` epochs with ``policy``, evaluating the validation split where the trainer's
+        rule says (at least after the last epoch: the reward). Raises :class:`NonFiniteLoss` on a
+        NaN/inf loss."""
         self.policy = validate_policy(policy)
-        out = Outcome()
-        tr = self.trainer
-        val = tr.eval_loaders["val"]
-        every = max(1, int(self.cfg.train.eval_every))
-        self._enter_rng()
-        try:
-            for k in range(int(epochs)):
-                t0 = time.perf_counter()
-                row = tr.train_epoch(progress=False)
-                t1 = time.perf_counter()
-                out.train_s += t1 - t0
-                if row.get("nonfinite") or not math.isfinite(row.get("train_loss", 0.0)):
-                    raise NonFiniteLoss(f"member {self.index}: non-finite training loss in epoch {row['epoch']}")
-                if k == epochs - 1 or tr.epoch % every == 0:
-                    ev = tr.evaluate(val)
-                    row["val_acc"], row["val_loss"] = ev["acc"], ev["loss"]
-                    out.eval_s += time.perf_counter() - t1
-                out.rows.append(row)
-        finally:
-            self._leave_rng()
-        return out
+        rows = self.trainer.run_epochs(int(epochs), splits=["val"], check_finite=True, progress=False)
+        return Outcome(rows=rows, train_s=sum(r.get("train_s", 0.0) for r in rows),
+                       eval_s=sum(r.get("eval_s", 0.0) for r in rows))
 
     def evaluate(self, split: str = "test") -> dict:
-        return self.trainer.evaluate(self.trainer.eval_loaders[split])
+        with self.trainer.rng_scope():
+            return self.trainer.evaluate(self.trainer.eval_loaders[split])
 
     # ------------------------------------------------------------------------------ state
     def state(self, device: torch.device | str | None = None) -> dict:
-        """A deep copy of the trainer state with this member's own RNG states."""
-        s = self.trainer.state_dict()
-        s["cpu_rng"] = self.cpu_rng
-        if self.cuda:
-            s["cuda_rng"] = self.cuda_rng
-        return clone_state(s, device)
+        """A deep copy of the trainer state (with this member's own random streams)."""
+        return clone_state(self.trainer.state_dict(), device)
 
     def load_state(self, state: dict, rng: bool = True) -> None:
         """Load a state (deep-copied first: a loaded optimizer must never alias another member's
         buffers). ``rng=False`` keeps this member's random streams (an exploit)."""
-        state = clone_state(state)
-        cpu_now = torch.get_rng_state()
-        self.trainer.load_state_dict(state, rng=rng)
-        if rng:
-            self.cpu_rng = state["cpu_rng"].clone()
-            if self.cuda and state.get("cuda_rng") is not None:
-                self.cuda_rng = state["cuda_rng"].clone()
-        torch.set_rng_state(cpu_now)
+        self.trainer.load_state_dict(clone_state(state), rng=rng)
 
     def snapshot(self) -> None:
         self.good = self.state()
@@ -213,13 +162,14 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self) -> None:
+    def __init__(self, factory: MemberFactory) -> None:
+        self.factory = factory
         self.members: dict[int, Member] = {}
 
     def start(self, configs: Mapping[int, Config]) -> None:
         first = None
         for i, c in configs.items():
-            m = Member(c, i, share_with=first)
+            m = Member(self.factory, c, i, share_with=first)
             first = first or m
             self.members[int(i)] = m
 
@@ -258,12 +208,7 @@ class LocalExecutor:
         self.snapshot(list(states))
 
     def evaluate(self, index: int, split: str = "test") -> dict:
-        m = self.members[index]
-        m._enter_rng()
-        try:
-            return m.evaluate(split)
-        finally:
-            m._leave_rng()
+        return self.members[index].evaluate(split)
 
     def close(self) -> None:
         for m in self.members.values():

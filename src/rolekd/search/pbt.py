@@ -36,6 +36,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..augment.schedule import format_pbt_line
 from ..augment.space import MAX_LEVEL, MAX_PROB, POLICY_LEN, validate_policy
 
 ZERO_POLICY: tuple[int, ...] = (0,) * POLICY_LEN
@@ -61,11 +62,6 @@ def rank(rewards: Mapping[int, float | None] | Sequence[float | None], fraction:
     if k == 0:
         return [], []
     return ranked[:k], ranked[-k:]
-
-
-def policy_bounds() -> np.ndarray:
-    """Upper bound of each of the 60 ints: 10 for probabilities (even), 9 for magnitudes (odd)."""
-    return np.array([MAX_PROB if i % 2 == 0 else MAX_LEVEL for i in range(POLICY_LEN)], dtype=np.int64)
 
 
 def explore(policy: Sequence[int], rng: np.random.Generator, resample_prob: float = 0.2) -> list[int]:
@@ -127,9 +123,6 @@ class PBTController:
         self.exploits: list[Exploit] = []
 
     # ------------------------------------------------------------------------------ bookkeeping
-    def epochs_done(self, member: int) -> int:
-        return len(self.history[member])
-
     def record(self, member: int, epochs: int, reward: float) -> None:
         """``member`` trained ``epochs`` more epochs with its current policy and reached ``reward``."""
         self.history[member].extend([list(self.policies[member]) for _ in range(int(epochs))])
@@ -175,8 +168,6 @@ class PBTController:
         return steps
 
     def _exploit(self, target: int, clone: int, epoch: int, reason: str) -> Exploit:
-        from ..augment.schedule import format_pbt_line
-
         if target == clone:
             raise RuntimeError(f"member {target} cannot exploit itself")
         old = list(self.policies[clone])

@@ -1,7 +1,7 @@
 """The Ray executor: one Ray actor per member, driven by the same controller as the local executor.
 
-Each actor builds its :class:`~rolekd.search.members.Member` from the member config inside its own
-process (its own data, device and RNG), on the resources ``search.ray_num_cpus`` /
+Each actor builds its :class:`~rolekd.search.members.Member` from the member config with the member
+factory (pickled to the actor) inside its own process (its own data, device and RNG), on the resources ``search.ray_num_cpus`` /
 ``search.ray_num_gpus`` (fractions allowed, e.g. 0.25 GPU = four members per GPU). Members of a
 round train concurrently. Weights move through Ray's object store: an exploit passes the ObjectRef
 of the top member's ``get_state`` to the bottom member's ``set_state``, and the last good state of
@@ -16,9 +16,11 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
+import rolekd
+
 from ..config import Config
 from ..errors import UserError
-from .members import Outcome
+from .members import Member, MemberFactory, Outcome, run_member
 
 
 def import_ray():
@@ -41,21 +43,17 @@ def _actor_class(ray):
     class MemberActor:
         """A member living in a Ray worker process."""
 
-        def __init__(self, cfg_data: dict, index: int, threads: int | None):
+        def __init__(self, factory: MemberFactory, cfg_data: dict, index: int, threads: int | None):
             import torch
 
             if threads:
                 torch.set_num_threads(int(threads))
-            from .members import Member
-
-            self.member = Member(Config.model_validate(cfg_data), index)
+            self.member = Member(factory, Config.model_validate(cfg_data), index)
 
         def device(self) -> str:
             return str(self.member.trainer.device)
 
         def train(self, epochs: int, policy: Sequence[int]) -> Outcome:
-            from .members import run_member
-
             return run_member(self.member, epochs, policy)
 
         def get_state(self) -> dict:
@@ -66,11 +64,7 @@ def _actor_class(ray):
             return True
 
         def evaluate(self, split: str) -> dict:
-            self.member._enter_rng()
-            try:
-                return self.member.evaluate(split)
-            finally:
-                self.member._leave_rng()
+            return self.member.evaluate(split)
 
     _ACTOR_CLASS = ray.remote(MemberActor)
     return _ACTOR_CLASS
@@ -81,9 +75,10 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 threads: int | None = None, init_kwargs: Mapping[str, Any] | None = None):
+    def __init__(self, factory: MemberFactory, address: str | None = None, num_cpus: float = 1.0,
+                 num_gpus: float = 0.0, threads: int | None = None, init_kwargs: Mapping[str, Any] | None = None):
         self.ray = import_ray()
+        self.factory = factory
         self.address = address
         self.num_cpus = float(num_cpus)
         self.num_gpus = float(num_gpus)
@@ -95,9 +90,9 @@ class RayExecutor:
         self.good: dict[int, Any] = {}  # index -> ObjectRef of the last good state
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "RayExecutor":
+    def from_config(cls, cfg: Config, factory: MemberFactory) -> "RayExecutor":
         s = cfg.search
-        return cls(s.ray_address, s.ray_num_cpus, s.ray_num_gpus)
+        return cls(factory, s.ray_address, s.ray_num_cpus, s.ray_num_gpus)
 
     # ------------------------------------------------------------------------------ lifecycle
     def _init_ray(self) -> None:
@@ -107,8 +102,6 @@ class RayExecutor:
         kw = {"include_dashboard": False, "log_to_driver": True}
         kw.update(self.init_kwargs)
         # workers must import rolekd the way this process does (e.g. PYTHONPATH=src in a checkout)
-        import rolekd
-
         pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(rolekd.__file__)))
         path = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
         os.environ["PYTHONPATH"] = path  # inherited by a local instance's workers
@@ -136,7 +129,7 @@ class RayExecutor:
     def _make_actor(self, index: int):
         cls = _actor_class(self.ray)
         return cls.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0).remote(
-            self.configs[index], index, self.threads)
+            self.factory, self.configs[index], index, self.threads)
 
     def start(self, configs: Mapping[int, Config]) -> None:
         self._init_ray()

@@ -1,4 +1,8 @@
-"""``rolekd search``: a PBA search, from a config to a finished run directory.
+"""A PBA search in a run directory: the rounds, the logs, resume, the outputs (``rolekd search``).
+
+:class:`Search` is given the member factory that builds each member's trainer (the experiment
+layer's :class:`~rolekd.experiment.MemberFactory`); :func:`rolekd.experiment.search_from_config`
+wires it from a config.
 
 The run directory (``cfg.run_dir()``) holds, when the search has finished:
 
@@ -27,17 +31,20 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-from ..config import Config
+from ..augment.schedule import Schedule
+from ..config import Config, derive
 from ..errors import UserError
-from .members import LocalExecutor, Outcome, member_config
+from ..files import atomic_write, load_state, save_state, save_tensors
+from ..plots import plot_rewards, plot_schedule
+from .members import LocalExecutor, MemberFactory, Outcome, member_config
 from .pbt import PBTController, policy_string
+from .ray_executor import RayExecutor
 
 STATE_DIR = "search_state"
 STATE_VERSION = 1
@@ -46,40 +53,43 @@ REWARD_FIELDS = ["epoch", "member", "val_acc", "val_loss", "train_loss", "train_
 RoundHook = Callable[[dict], None]
 
 
-def make_executor(cfg: Config):
+def make_executor(cfg: Config, factory: MemberFactory):
     if cfg.search.executor == "ray":
-        from .ray_executor import RayExecutor
-
-        return RayExecutor.from_config(cfg)
-    return LocalExecutor()
+        return RayExecutor.from_config(cfg, factory)
+    return LocalExecutor(factory)
 
 
 def search_config(cfg: Config) -> Config:
     """The config a search runs with: ``data.split=reduced``; role ``student`` checked."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.data.split = "reduced"
     if cfg.search.role == "student":
         if not cfg.kd.teacher:
             raise UserError("search role=student needs the frozen teacher: pass teacher=RUN_DIR (a finished "
                             "teacher run) or teacher=FILE.safetensors")
         if not cfg.kd.method:
             raise UserError("search role=student needs a KD method: pass method=soft|dml|rkd|kdsvd|mhgd|iikd")
-    return cfg
+    return derive(cfg, "search config", data={"split": "reduced"})
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def finished_search(run_dir: Path, verbose: bool = True) -> dict | None:
+    """``search.json`` of a finished search in ``run_dir`` (None when it has not finished)."""
+    done = Path(run_dir) / "search.json"
+    if not done.is_file():
+        return None
+    summary = json.loads(done.read_text())
+    if verbose:
+        print(f"{run_dir}: search already finished (best member {summary.get('best_member')}, val acc "
+              f"{summary.get('best_val_acc', float('nan')):.4f}); nothing to do", flush=True)
+    return summary
 
 
 class Search:
     """One PBA search in ``run_dir`` (see :func:`search_from_config`)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, executor=None, on_round: RoundHook | None = None,
-                 verbose: bool = True):
+    def __init__(self, cfg: Config, run_dir: Path, member_factory: MemberFactory, executor=None,
+                 on_round: RoundHook | None = None, verbose: bool = True):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.member_factory = member_factory
         self.executor = executor
         self.on_round = on_round
         self.verbose = verbose
@@ -109,19 +119,17 @@ class Search:
         """(Re)write every log from the in-memory state (so a resumed search drops later lines)."""
         rd = self.run_dir
         for i, lines in enumerate(self.ctrl.member_logs):
-            _write_atomic(rd / f"pbt_policy_{i}.txt", "".join(l + "\n" for l in lines))
-        _write_atomic(rd / "pbt_global.txt", "".join(l + "\n" for l in self.ctrl.global_log))
+            atomic_write(rd / f"pbt_policy_{i}.txt", "".join(l + "\n" for l in lines))
+        atomic_write(rd / "pbt_global.txt", "".join(l + "\n" for l in self.ctrl.global_log))
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=REWARD_FIELDS, lineterminator="\n")
         w.writeheader()
         w.writerows(self.reward_rows)
-        _write_atomic(rd / "rewards.csv", buf.getvalue())
-        _write_atomic(rd / "events.jsonl", "".join(json.dumps(e) + "\n" for e in self.events))
+        atomic_write(rd / "rewards.csv", buf.getvalue())
+        atomic_write(rd / "events.jsonl", "".join(json.dumps(e) + "\n" for e in self.events))
 
     # ------------------------------------------------------------------------------ state
     def save_state(self) -> None:
-        from ..train.checkpoint import save_state
-
         t0 = time.perf_counter()
         root = self.run_dir / STATE_DIR
         name = f"epoch_{self.epoch:05d}"
@@ -134,8 +142,8 @@ class Search:
         meta = {"version": STATE_VERSION, "epoch": self.epoch, "round": self.round,
                 "controller": self.ctrl.state_dict(), "rewards": self.reward_rows, "events": self.events,
                 "times": self.times}
-        _write_atomic(d / "controller.json", json.dumps(meta))
-        _write_atomic(root / "LATEST", name)
+        atomic_write(d / "controller.json", json.dumps(meta))
+        atomic_write(root / "LATEST", name)
         for old in root.iterdir():
             if old.is_dir() and old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -143,8 +151,6 @@ class Search:
 
     def load_saved(self) -> dict | None:
         """The saved state's metadata and member states, or None when there is nothing to resume."""
-        from ..train.checkpoint import load_state
-
         root = self.run_dir / STATE_DIR
         latest = root / "LATEST"
         if not latest.is_file():
@@ -165,7 +171,7 @@ class Search:
         cfg, s = self.cfg, self.cfg.search
         own_executor = self.executor is None
         if own_executor:
-            self.executor = make_executor(cfg)
+            self.executor = make_executor(cfg, self.member_factory)
         ex = self.executor
         try:
             saved = self.load_saved()
@@ -273,8 +279,6 @@ class Search:
         return self._wall_base + time.perf_counter() - self._t0
 
     def _finish(self) -> dict:
-        from ..augment.schedule import Schedule
-
         t_final = time.perf_counter()
         cfg, s, ctrl = self.cfg, self.cfg.search, self.ctrl
         best = ctrl.best()
@@ -289,10 +293,8 @@ class Search:
         self.times["eval_s"] += t_test  # an evaluation step, not output overhead
         self.executor.snapshot([best])
         best_state = self.executor.saved_states([best])[best]
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in best_state["model"].items()}, str(rd / "best_model.safetensors"),
-                  metadata={"model": cfg.model.name, "member": str(best)})
+        save_tensors(best_state["model"], rd / "best_model.safetensors",
+                     metadata={"model": cfg.model.name, "member": str(best)})
         self._plots(best, sched)
         t = self.times
         t["final_s"] += time.perf_counter() - t_final - t_test
@@ -318,7 +320,7 @@ class Search:
             # the PBT controller alone: ranking, exploit copies, snapshots, logs, state saving
             "controller_frac": round((t["controller_s"] + t["save_s"]) / wall, 5),
         }
-        _write_atomic(rd / "search.json", json.dumps(summary, indent=2))
+        atomic_write(rd / "search.json", json.dumps(summary, indent=2))
         shutil.rmtree(rd / STATE_DIR, ignore_errors=True)
         self._say(f"[search] {rd}: best member {best} val acc {summary['best_val_acc']:.4f} test acc "
                   f"{test['acc']:.4f}; {summary['exploits']} exploits; {wall:.1f}s "
@@ -326,66 +328,8 @@ class Search:
         return summary
 
     def _plots(self, best: int, sched) -> None:
-        try:
-            plot_rewards(self.reward_rows, self.cfg.search.population, best, self.run_dir / "rewards.png",
-                         title=f"{self.cfg.name}: PBA search ({self.cfg.search.role})")
-        except ImportError:
-            pass
-        try:
-            from ..augment.plot import plot_schedule
-
-            plot_schedule(sched, self.run_dir / "schedule.png",
-                          title=f"{self.cfg.name}: searched schedule ({self.cfg.search.role}, member {best})")
-        except ImportError:
-            pass
-
-
-def plot_rewards(rows: list[dict], population: int, best: int, path: Path, title: str | None = None) -> None:
-    """Every member's validation accuracy over epochs, the best member highlighted."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for i in range(population):
-        pts = [(r["epoch"], r["val_acc"]) for r in rows if r["member"] == i and r["val_acc"] != ""]
-        if not pts:
-            continue
-        xs, ys = zip(*pts)
-        if i == best:
-            ax.plot(xs, ys, color="tab:red", lw=2.2, marker="o", ms=3, label=f"member {i} (best)", zorder=3)
-        else:
-            ax.plot(xs, ys, color="0.6", lw=0.9, alpha=0.8)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-
-
-def search_from_config(cfg: Config, run_dir: Path | None = None, executor=None,
-                       on_round: RoundHook | None = None, verbose: bool = True) -> dict:
-    """Run (or resume, or report) the PBA search described by ``cfg``; returns ``search.json``'s content.
-
-    ``executor`` replaces the one ``search.executor`` names (e.g. a shared or instrumented one);
-    ``on_round(info)`` is called after every round, once its state is saved (``info``: ``search``,
-    ``round``, ``epoch``).
-    """
-    from ..train.run import prepare_run_dir
-
-    cfg = search_config(cfg)
-    run_dir = prepare_run_dir(cfg, run_dir)
-    done = run_dir / "search.json"
-    if done.is_file():
-        summary = json.loads(done.read_text())
-        if verbose:
-            print(f"{run_dir}: search already finished (best member {summary.get('best_member')}, val acc "
-                  f"{summary.get('best_val_acc', float('nan')):.4f}); nothing to do", flush=True)
-        return summary
-    return Search(cfg, run_dir, executor, on_round, verbose).run()
+        plot_rewards({self.cfg.search.role: self.reward_rows}, self.run_dir / "rewards.png", best={
+            self.cfg.search.role: best}, exploits={self.cfg.search.role: self.ctrl.exploits},
+            title=f"{self.cfg.name}: PBA search ({self.cfg.search.role})")
+        plot_schedule(sched, self.run_dir / "schedule.png",
+                      title=f"{self.cfg.name}: searched schedule ({self.cfg.search.role}, member {best})")

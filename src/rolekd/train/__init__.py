@@ -1,8 +1,8 @@
-"""Training: one trainer for plain, KD and search training; checkpoints; metrics."""
+"""Training: the one trainer (epoch loop, evaluation, checkpoints, resume) for plain, KD and search
+training; what a step optimises (objectives); metrics logs."""
 
-from .checkpoint import load_weights, read_weights, save_weights
 from .objective import CrossEntropy, Objective, StepContext
-from .trainer import Trainer, build_optimizer, lr_at, resolve_device
+from .trainer import NonFiniteLoss, Trainer, build_optimizer, lr_at, resolve_device
 
-__all__ = ["Trainer", "Objective", "CrossEntropy", "StepContext", "build_optimizer", "lr_at", "resolve_device",
-           "load_weights", "read_weights", "save_weights"]
+__all__ = ["Trainer", "NonFiniteLoss", "Objective", "CrossEntropy", "StepContext", "build_optimizer", "lr_at",
+           "resolve_device"]

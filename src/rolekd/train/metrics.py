@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
+
+from ..files import atomic_write
 
 
 class MetricsLog:
@@ -32,17 +35,18 @@ class MetricsLog:
     def truncate_after(self, epoch: int) -> None:
         """Drop rows of epochs > ``epoch`` (written by a run interrupted before its checkpoint)."""
         rows = [r for r in self.rows() if r.get("epoch", -1) <= epoch]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
         self._rewrite_csv(rows)
 
     def _rewrite_csv(self, rows: list[dict]) -> None:
         keys: list[str] = []
         for r in rows:
             keys += [k for k in r if k not in keys]
-        with open(self.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(self.csv, buf.getvalue(), fsync=False)
 
     def log(self, row: dict) -> None:
         with open(self.jsonl, "a") as f:

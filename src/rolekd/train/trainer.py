@@ -1,9 +1,18 @@
 """One trainer for plain training, KD training and PBT search members.
 
-The loop, optimizer, step LR schedule, evaluation, metrics, checkpoints and resume live here; what a
-step optimises is an :class:`~rolekd.train.objective.Objective` (plain cross-entropy or a KD
-objective), and what augmentation an epoch uses comes from ``policy_for_epoch``. Search members drive
-:meth:`Trainer.train_epoch` / :meth:`Trainer.evaluate` / :meth:`Trainer.state_dict` directly.
+The epoch loop, optimizer, step LR schedule, evaluation, metrics, checkpoints and resume live here;
+what a step optimises is an :class:`~rolekd.train.objective.Objective` (plain cross-entropy or a KD
+objective), and what augmentation an epoch uses comes from ``policy_for_epoch``.
+
+:meth:`Trainer.run_epochs` is the only epoch loop: ``rolekd train``/``distill`` run it once over the
+whole run (:meth:`Trainer.fit`, with metrics and a checkpoint per epoch), a search member once per PBT
+round. **When evaluation happens** (one rule for both): after an epoch when the number of epochs
+trained so far is a multiple of ``train.eval_every``, and after the last epoch of every
+:meth:`run_epochs` call (the end of a run, the end of a search round, where PBT reads the reward).
+
+A trainer made with ``own_rng=True`` (search members) keeps its own torch random streams: they are
+swapped in around its training and evaluation, so trainers that share a process draw what each
+would draw alone, and its :meth:`state_dict` carries those streams, not the process's.
 """
 
 from __future__ import annotations
@@ -20,11 +29,16 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data.loader import DeviceLoader
-from .checkpoint import load_state, load_weights, save_state, save_weights
+from ..errors import UserError
+from ..files import load_state, load_weights, save_state, save_weights
 from .metrics import MetricsLog
 from .objective import CrossEntropy, Objective, StepContext
 
 PolicyFn = Callable[[int], "Sequence[int] | None"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -32,8 +46,6 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from ..errors import UserError
-
         raise UserError(f"train.device={name} but no CUDA device is available: use train.device=cpu or auto")
     return dev
 
@@ -55,14 +67,14 @@ class Trainer:
     def __init__(self, model: nn.Module, train_loader: DeviceLoader, cfg: TrainConfig,
                  eval_loaders: dict[str, DeviceLoader] | None = None, objective: Objective | None = None,
                  policy_for_epoch: PolicyFn | None = None, run_dir: str | Path | None = None,
-                 epochs: int | None = None, log_name: str = "train"):
+                 log_name: str = "train", own_rng: bool = False):
         self.cfg = cfg
         self.train_loader = train_loader
         self.eval_loaders = dict(eval_loaders or {})
         self.device = train_loader.device
-        self.epochs = int(epochs or cfg.epochs)
+        self.epochs = int(cfg.epochs)
         self.cuda = self.device.type == "cuda"
-        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and self.cuda)
+        self.channels_last = train_loader.channels_last  # decided once, where the loaders are made
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.cuda)
         model = model.to(self.device)
         if self.channels_last:
@@ -79,6 +91,32 @@ class Trainer:
         self.log_name = log_name
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
+        self.own_rng = bool(own_rng)
+        self._rng: dict[str, torch.Tensor] | None = self._process_rng() if own_rng else None
+
+    # ------------------------------------------------------------------------------ random streams
+    def _process_rng(self) -> dict[str, torch.Tensor]:
+        rng = {"cpu_rng": torch.get_rng_state()}
+        if self.cuda:
+            rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _set_process_rng(self, rng: dict) -> None:
+        torch.set_rng_state(rng["cpu_rng"])
+        if self.cuda and rng.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
+
+    @contextlib.contextmanager
+    def rng_scope(self):
+        """Run the body on this trainer's own random streams (``own_rng``); a no-op otherwise."""
+        if self._rng is None:
+            yield
+            return
+        self._set_process_rng(self._rng)
+        try:
+            yield
+        finally:
+            self._rng = self._process_rng()
 
     # ------------------------------------------------------------------------------ one epoch
     def autocast(self):
@@ -164,22 +202,25 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(),
             "loader": self.train_loader.state_dict(),
-            "cpu_rng": torch.get_rng_state(),
         }
-        if self.cuda:
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        state.update(self._rng if self._rng is not None else self._process_rng())
         return state
 
     def load_state_dict(self, state: dict, rng: bool = True) -> None:
+        """Load a state; ``rng=False`` keeps this trainer's data order and random streams (a PBT exploit
+        copies weights, optimizer and objective state, never the random streams)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state.get("objective", {}))
         self.epoch = int(state["epoch"])
         if rng:
             self.train_loader.load_state_dict(state["loader"])
-            torch.set_rng_state(state["cpu_rng"])
-            if self.cuda and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            streams = {k: state[k].clone() for k in ("cpu_rng", "cuda_rng") if state.get(k) is not None}
+            if self._rng is not None:
+                self._rng = {"cpu_rng": streams["cpu_rng"], **({"cuda_rng": streams.get("cuda_rng")}
+                                                               if self.cuda else {})}
+            else:
+                self._set_process_rng(streams)
 
     def checkpoint_dir(self) -> Path:
         assert self.run_dir is not None
@@ -207,8 +248,40 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------------------ the loop
+    def run_epochs(self, k: int, splits: Sequence[str] | None = None, check_finite: bool = False,
+                   on_epoch_end: Callable[["Trainer", dict], None] | None = None,
+                   progress: bool | None = None) -> list[dict]:
+        """Train ``k`` epochs (at most to ``self.epochs``) and return their metrics rows.
+
+        Evaluation (see the module docstring for when) adds ``<split>_acc`` / ``<split>_loss`` for each
+        split of ``splits`` (default: every evaluation loader). ``check_finite``: raise
+        :class:`NonFiniteLoss` after an epoch whose training loss is not finite. ``on_epoch_end(trainer,
+        row)`` runs after each epoch (logging, checkpoints)."""
+        names = list(self.eval_loaders) if splits is None else list(splits)
+        every = max(1, int(self.cfg.eval_every))
+        end = min(self.epochs, self.epoch + int(k))
+        rows = []
+        with self.rng_scope():
+            while self.epoch < end:
+                t0 = time.perf_counter()
+                row = self.train_epoch(progress)
+                row["train_s"] = time.perf_counter() - t0
+                if check_finite and (row.get("nonfinite") or not math.isfinite(row.get("train_loss", 0.0))):
+                    raise NonFiniteLoss(f"{self.log_name}: non-finite training loss in epoch {row['epoch']}")
+                if self.epoch % every == 0 or self.epoch == end:
+                    t1 = time.perf_counter()
+                    for name in names:
+                        for key, v in self.evaluate(self.eval_loaders[name]).items():
+                            row[f"{name}_{key}"] = v
+                    row["eval_s"] = time.perf_counter() - t1
+                rows.append(row)
+                if on_epoch_end is not None:
+                    on_epoch_end(self, row)
+        return rows
+
     def fit(self, on_epoch_end: Callable[["Trainer", dict], None] | None = None) -> list[dict]:
-        """Train to ``self.epochs``, evaluating, logging and checkpointing every epoch.
+        """Train to ``self.epochs``, evaluating, logging and checkpointing every epoch (then calling
+        ``on_epoch_end(trainer, row)``).
 
         With a run directory, an earlier interrupted run of it is resumed from its last completed
         epoch, and the result equals an uninterrupted run with the same seed (on CPU).
@@ -217,23 +290,22 @@ class Trainer:
         if self.resume() and log is not None:
             log.truncate_after(self.epoch - 1)
         self.history = log.rows() if log is not None else []
+
+        def after_epoch(trainer: "Trainer", row: dict) -> None:
+            row = {k: v for k, v in row.items() if k not in ("train_s", "eval_s")}
+            self.history.append(row)
+            if log is not None:
+                log.log(row)
+                self.save_checkpoint()
+            if self.cfg.progress:
+                shown = {k: round(v, 4) for k, v in row.items() if k.endswith("acc") or k.endswith("loss")}
+                print(f"[{self.log_name}] epoch {self.epoch}/{self.epochs} {shown} "
+                      f"({row['train_img_per_s']:.0f} img/s)", flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(trainer, row)
+
         try:
-            while self.epoch < self.epochs:
-                row = self.train_epoch()
-                if row["epoch"] % self.cfg.eval_every == 0 or self.epoch == self.epochs:
-                    for name, loader in self.eval_loaders.items():
-                        for k, v in self.evaluate(loader).items():
-                            row[f"{name}_{k}"] = v
-                self.history.append(row)
-                if log is not None:
-                    log.log(row)
-                    self.save_checkpoint()
-                if self.cfg.progress:
-                    shown = {k: round(v, 4) for k, v in row.items() if k.endswith("acc") or k.endswith("loss")}
-                    print(f"[{self.log_name}] epoch {self.epoch}/{self.epochs} {shown} "
-                          f"({row['train_img_per_s']:.0f} img/s)", flush=True)
-                if on_epoch_end is not None:
-                    on_epoch_end(self, row)
+            self.run_epochs(self.epochs - self.epoch, on_epoch_end=after_epoch)
         finally:
             if log is not None:
                 log.close()

@@ -14,6 +14,7 @@ from typing import TextIO
 from rolekd.augment.schedule import Schedule
 from rolekd.augment.space import MAX_PROB, NUM_OPS, OPS
 from rolekd.errors import UserError
+from rolekd.plots import plot_schedule
 
 
 def _multiplier(text: str) -> float | int:
@@ -129,8 +130,6 @@ def cmd_show(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def cmd_plot(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    from rolekd.augment.plot import plot_schedule
-
     out = out or sys.stdout
     s = Schedule.load(args.file, epochs=args.epochs, multiplier=args.multiplier)
     dest = Path(args.output)

@@ -1,0 +1,331 @@
+"""The one place where a :class:`~rolekd.config.Config` becomes objects.
+
+Data, augmentation, schedule, model (quantized when the config asks), the frozen teacher, the KD
+objective and the :class:`~rolekd.train.Trainer` are built here, and run directories are made here;
+the packages below (``data``, ``augment``, ``models``, ``quant``, ``distill``, ``train``, ``search``)
+never read a whole config's wiring and never import this module. The pipeline, the report and the CLI
+sit on top.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``/``metrics.csv``,
+``tb/`` (TensorBoard), ``checkpoint/`` (last completed epoch) and, when finished, ``model.safetensors``
+and ``result.json``. Rerunning the same command resumes an interrupted run or reports a finished one;
+a different config for an existing directory is refused so nothing written is lost.
+
+What outlives one build (decoded datasets, loaded frozen teachers, a KD method's prepared parts such as
+MHGD's attention network) lives in a :class:`Session`: one per command, or one per pipeline run shared
+by its stages and by a search's members. Nothing is cached at module level.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from .augment import BatchAugment, Schedule
+from .config import Config, dump_config
+from .data import DataBundle, DeviceLoader, Split, load_dataset, reduced_split
+from .distill import KDObjective, build_kd_objective, distiller_class
+from .errors import UserError
+from .files import atomic_write, load_weights, save_weights
+from .models import create
+from .quant import quantize_model
+from .search import Search, finished_search, search_config
+from .train import Trainer, resolve_device
+
+# keys that may differ between a run and its resumption
+_VOLATILE = {("train", "progress"), ("train", "device")}
+_PREPARE_SEED = 7919  # RNG of a KD method's own preparation (batch shuffling, initialisation, dropout)
+
+
+class Session:
+    """What one command (or one pipeline run) reuses between builds: decoded datasets, frozen teachers
+    (one per weights file, model and device, shared by every student, e.g. search members), and KD
+    methods' prepared parts (computed once, copied into later objectives)."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple, DataBundle] = {}
+        self.teachers: dict[tuple, nn.Module] = {}
+        self.prepared: dict[tuple, dict] = {}
+
+    def close(self) -> None:
+        self.data.clear()
+        self.teachers.clear()
+        self.prepared.clear()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------- run dirs
+def _stable(d: dict) -> dict:
+    d = json.loads(json.dumps(d))
+    for sec, key in _VOLATILE:
+        d.get(sec, {}).pop(key, None)
+    return d
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path | None = None) -> Path:
+    """Create the run directory and write ``config.yaml``; refuse a directory of another config."""
+    run_dir = Path(run_dir or cfg.run_dir())
+    cfg_file = run_dir / "config.yaml"
+    if cfg_file.is_file():
+        try:
+            old = yaml.safe_load(cfg_file.read_text()) or {}
+        except yaml.YAMLError:
+            old = {}
+        if _stable(old) != _stable(cfg.model_dump(mode="json")):
+            raise UserError(f"run directory {run_dir} holds a run with a different config; rerun with the same "
+                            f"config to resume it, or choose another directory with out=DIR (or name=NAME)")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"run directory {run_dir} exists and is not a rolekd run; choose another with out=DIR")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg_file.is_file():
+        atomic_write(cfg_file, dump_config(cfg))
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------- parts
+def build_data(cfg: Config, session: Session) -> DataBundle:
+    key = (cfg.data.name, cfg.data.path, cfg.data.data_dir)
+    if key not in session.data:
+        session.data[key] = load_dataset(cfg.data.name, cfg.data.path, cfg.data.data_dir, cfg.data.download)
+    bundle = session.data[key]
+    if cfg.data.max_train or cfg.data.max_test:
+        bundle = dataclasses.replace(
+            bundle, train=bundle.train.subset(np.arange(min(cfg.data.max_train or len(bundle.train), len(bundle.train)))),
+            test=bundle.test.subset(np.arange(min(cfg.data.max_test or len(bundle.test), len(bundle.test)))))
+    return bundle
+
+
+def data_splits(cfg: Config, bundle: DataBundle) -> tuple[Split, dict[str, Split]]:
+    """Training split and evaluation splits: full = (train, {test}); reduced = (train, {val, test})."""
+    if cfg.data.split == "reduced":
+        train, val = reduced_split(bundle.train, cfg.data.train_size, cfg.data.val_size, cfg.data.split_seed)
+        return train, {"val": val, "test": bundle.test}
+    return bundle.train, {"test": bundle.test}
+
+
+def build_augment(cfg: Config, bundle: DataBundle) -> BatchAugment:
+    return BatchAugment(policy=None, pad=cfg.augment.pad, flip=cfg.augment.flip, cutout=cfg.augment.cutout,
+                        fill=bundle.fill)
+
+
+def build_schedule(cfg: Config, epochs: int) -> Callable[[int], Sequence[int]] | None:
+    """The per-epoch policy function of ``augment.schedule`` (None: base augmentation only)."""
+    if not cfg.augment.schedule:
+        return None
+    sched = Schedule.load(cfg.augment.schedule, epochs=cfg.augment.schedule_epochs,
+                          multiplier=cfg.augment.multiplier)
+    if cfg.augment.fit_epochs:
+        sched = sched.fit_to(epochs)
+    return sched.vector_at
+
+
+def build_model(cfg: Config, num_classes: int, model_name: str | None = None, quantize: bool = True) -> nn.Module:
+    model = create(model_name or cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
+    if quantize and (cfg.quant.w_bits != 32 or cfg.quant.a_bits != 32):
+        model = quantize_model(model, cfg.quant.w_bits, cfg.quant.a_bits)
+    return model
+
+
+def channels_last(cfg: Config, device: torch.device) -> bool:
+    return cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+
+
+def make_loaders(cfg: Config, bundle: DataBundle, device: torch.device, augment=None
+                 ) -> tuple[DeviceLoader, dict[str, DeviceLoader]]:
+    train, evals = data_splits(cfg, bundle)
+    cl = channels_last(cfg, device)
+    train_loader = DeviceLoader(train, cfg.train.batch_size, bundle.mean, bundle.std, device, shuffle=True,
+                                augment=augment, seed=cfg.train.seed, channels_last=cl)
+    eval_loaders = {k: DeviceLoader(v, cfg.train.eval_batch_size, bundle.mean, bundle.std, device, shuffle=False,
+                                    channels_last=cl) for k, v in evals.items()}
+    return train_loader, eval_loaders
+
+
+# ---------------------------------------------------------------------------------------- teacher and KD
+def teacher_paths(cfg: Config) -> tuple[Path, str]:
+    """(weights file, model name) of ``kd.teacher``: a run directory or a .safetensors file."""
+    if not cfg.kd.teacher:
+        raise UserError("no teacher given: pass teacher=RUN_DIR (a finished rolekd train run) or teacher=FILE.safetensors")
+    p = Path(cfg.kd.teacher).expanduser()
+    name = cfg.kd.teacher_model
+    if p.is_dir():
+        weights = p / "model.safetensors"
+        if not weights.is_file():
+            raise UserError(f"teacher run {p} has no model.safetensors: finish its training first (rerun its command)")
+        if name is None and (p / "config.yaml").is_file():
+            name = (yaml.safe_load((p / "config.yaml").read_text()) or {}).get("model", {}).get("name")
+    else:
+        weights = p
+        if not p.is_file():
+            raise UserError(f"teacher {p} not found: give a teacher run directory or its model.safetensors")
+    return weights, name or cfg.model.name
+
+
+def load_teacher(cfg: Config, num_classes: int, device: torch.device, session: Session
+                 ) -> tuple[nn.Module, Path, str]:
+    """The frozen full-precision teacher of ``cfg.kd.teacher`` (one per session)."""
+    weights, name = teacher_paths(cfg)
+    st = weights.stat()
+    key = (str(weights.resolve()), st.st_mtime_ns, name, num_classes, str(device))
+    if key not in session.teachers:
+        teacher = build_model(cfg, num_classes, model_name=name, quantize=False)
+        load_weights(teacher, weights, what="teacher checkpoint")
+        teacher.to(device).eval().requires_grad_(False)
+        session.teachers[key] = teacher
+    return session.teachers[key], weights, name
+
+
+def init_student_from_teacher(cfg: Config, student: nn.Module) -> bool:
+    """The paper initialises the (low-bit) student from its teacher when they share an architecture."""
+    weights, name = teacher_paths(cfg)
+    if name != cfg.model.name:
+        return False
+    load_weights(student, weights, what="teacher checkpoint")
+    return True
+
+
+class _Images:
+    """Re-iterable image batches of a loader (for a KD method's preparation on the teacher)."""
+
+    def __init__(self, loader: DeviceLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        return (x for x, _ in self.loader)
+
+
+def build_objective(cfg: Config, bundle: DataBundle, train_loader: DeviceLoader, device: torch.device,
+                    session: Session) -> KDObjective:
+    """The KD objective of ``cfg.kd``: the frozen teacher, the method (reading its own options), and the
+    method's preparation on the teacher (shared through the session)."""
+    kd = cfg.kd
+    cls = distiller_class(kd.method)
+    teacher, weights, _ = load_teacher(cfg, bundle.num_classes, device, session)
+    if cls.trains_teacher:
+        teacher = copy.deepcopy(teacher)  # it trains its own copy of the teacher
+    objective = build_kd_objective(cls.from_config(kd), teacher, lam=kd.lam, lam_decay=kd.lam_decay,
+                                   lam_decay_every=kd.lam_decay_every, clip=kd.clip, clip_e0=kd.clip_e0)
+    if objective.needs_prepare:
+        # it depends only on the teacher, the method and the data (its own fixed shuffling seed), so it is
+        # prepared once per session and shared, e.g. by all search members
+        pkey = (str(weights.resolve()), weights.stat().st_mtime_ns, kd.model_dump_json(),
+                cfg.data.model_dump_json(), cfg.train.batch_size, str(device))
+        if pkey in session.prepared:
+            objective.distiller.load_state_dict(session.prepared[pkey])
+        else:
+            prep = DeviceLoader(Split(train_loader.images, train_loader.labels), cfg.train.batch_size, bundle.mean,
+                                bundle.std, device, shuffle=True, seed=_PREPARE_SEED,
+                                channels_last=train_loader.channels_last)
+            # its own RNG too (attention initialisation, dropout): the same result whether it is prepared
+            # here or reused from an earlier stage of the same session, e.g. after a resume
+            cuda = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+                torch.manual_seed(_PREPARE_SEED)
+                objective.prepare(_Images(prep))
+            session.prepared[pkey] = {k: v.detach().clone() for k, v in objective.distiller.state_dict().items()}
+    return objective
+
+
+# ---------------------------------------------------------------------------------------- the trainer
+def build_trainer(cfg: Config, session: Session, run_dir: Path | None = None, policy_for_epoch=None,
+                  log_name: str = "train", own_rng: bool = False) -> Trainer:
+    """The trainer of ``cfg``: data on the device, augmentation, model (from the teacher's weights when
+    ``kd.teacher`` is set and the architectures match), objective (KD when ``kd.method`` is set) and
+    the schedule's policy per epoch (or ``policy_for_epoch``)."""
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    bundle = build_data(cfg, session)
+    augment = build_augment(cfg, bundle)
+    train_loader, eval_loaders = make_loaders(cfg, bundle, device, augment)
+    model = build_model(cfg, bundle.num_classes)
+    if cfg.kd.teacher and cfg.kd.init_from_teacher:
+        init_student_from_teacher(cfg, model)
+    objective = build_objective(cfg, bundle, train_loader, device, session) if cfg.kd.method else None
+    return Trainer(model, train_loader, cfg.train, eval_loaders, objective=objective,
+                   policy_for_epoch=policy_for_epoch or build_schedule(cfg, cfg.train.epochs),
+                   run_dir=run_dir, log_name=log_name, own_rng=own_rng)
+
+
+class MemberFactory:
+    """Builds a search member's trainer (own random streams) from its member config, sharing the
+    session; in another process (a Ray actor) it starts a session of its own."""
+
+    def __init__(self, session: Session | None = None):
+        self.session = session
+
+    def __call__(self, cfg: Config, index: int, policy_for_epoch) -> Trainer:
+        if self.session is None:
+            self.session = Session()
+        return build_trainer(cfg, self.session, policy_for_epoch=policy_for_epoch, log_name=f"member{index}",
+                             own_rng=True)
+
+    def __getstate__(self) -> dict:
+        return {"session": None}
+
+
+# ---------------------------------------------------------------------------------------- runs
+def train_from_config(cfg: Config, run_dir: Path | None = None, log_name: str = "train",
+                      session: Session | None = None) -> dict:
+    """Train (or resume, or report) the run described by ``cfg``; returns ``result.json``'s content."""
+    run_dir = prepare_run_dir(cfg, run_dir)
+    result_file = run_dir / "result.json"
+    if result_file.is_file():
+        result = json.loads(result_file.read_text())
+        print(f"{run_dir}: already finished (test acc {result.get('test_acc', float('nan')):.4f}); nothing to do")
+        return result
+    t0 = time.time()
+    own = session is None
+    session = session or Session()
+    trainer = build_trainer(cfg, session, run_dir, log_name=log_name)
+    try:
+        history = trainer.fit()
+    finally:
+        trainer.objective.close()
+        if own:
+            session.close()
+    save_weights(trainer.model, run_dir / "model.safetensors", metadata={"model": cfg.model.name})
+    last = history[-1]
+    result = {"name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.name, "epochs": cfg.train.epochs,
+              "w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits, "kd": cfg.kd.method,
+              "schedule": cfg.augment.schedule,
+              "test_acc": last.get("test_acc"), "best_test_acc": max(r.get("test_acc", 0.0) for r in history),
+              "wall_time_s": round(time.time() - t0, 2), "device": str(trainer.device)}
+    atomic_write(result_file, json.dumps(result, indent=2))
+    print(f"{run_dir}: test acc {result['test_acc']:.4f} after {cfg.train.epochs} epochs")
+    return result
+
+
+def search_from_config(cfg: Config, run_dir: Path | None = None, executor=None, on_round=None,
+                       verbose: bool = True, session: Session | None = None) -> dict:
+    """Run (or resume, or report) the PBA search described by ``cfg``; returns ``search.json``'s content.
+
+    ``executor`` replaces the one ``search.executor`` names (e.g. a shared or instrumented one);
+    ``on_round(info)`` is called after every round, once its state is saved (``info``: ``search``,
+    ``round``, ``epoch``).
+    """
+    cfg = search_config(cfg)
+    run_dir = prepare_run_dir(cfg, run_dir)
+    summary = finished_search(run_dir, verbose)
+    if summary is not None:
+        return summary
+    own = session is None
+    session = session or Session()
+    try:
+        return Search(cfg, run_dir, MemberFactory(session), executor, on_round, verbose).run()
+    finally:
+        if own:
+            session.close()

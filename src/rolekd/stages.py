@@ -1,0 +1,64 @@
+"""The stages of the role-wise pipeline, as one table that the config, the pipeline and the report read.
+
+Stage α searches the teacher's schedule A_T and retrains the teacher with it; stage β searches the
+student's schedule A_S with KD from the stage-α teacher and retrains the student with KD and A_S. The
+baselines are the comparisons the paper makes (Tables 1-3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the stage's sub-directory of a pipeline run
+    kind: Literal["search", "train"]
+    role: Literal["teacher", "student"]  # whose network (pipeline.teacher / pipeline.student) it trains
+    kd: bool  # trained with KD from the stage-α teacher
+    schedule: str | None  # the search stage whose schedule.json it trains with; None: base augmentation only
+    init: Literal["scratch", "teacher"]  # a student stage may start from the stage-α teacher's weights
+    label: str  # the report's row label
+    baseline: bool  # optional: listed in pipeline.baselines
+    paper_row: str | None = None  # the row key of the paper's tables (report/paper.yaml)
+
+    @property
+    def augmentation(self) -> str:
+        """In words: which augmentation the stage trains with."""
+        if self.kind == "search":
+            return "searched policies (PBA)"
+        return {None: "base augmentation only", "alpha_search": "teacher schedule A_T",
+                "beta_search": "student schedule A_S"}[self.schedule]
+
+
+TEACHER_STAGE = "teacher"  # the stage whose model is the frozen KD teacher of every KD stage
+
+STAGES: tuple[Stage, ...] = (
+    Stage("alpha_search", "search", "teacher", kd=False, schedule=None, init="scratch",
+          label="stage α search (teacher schedule A_T)", baseline=False),
+    Stage("teacher", "train", "teacher", kd=False, schedule="alpha_search", init="scratch",
+          label="stage α (teacher schedule A_T)", baseline=False, paper_row="stage_alpha"),
+    Stage("vanilla_teacher", "train", "teacher", kd=False, schedule=None, init="scratch",
+          label="vanilla (base augmentation)", baseline=True, paper_row="vanilla"),
+    Stage("beta_search", "search", "student", kd=True, schedule=None, init="teacher",
+          label="stage β search (student schedule A_S)", baseline=False),
+    Stage("student", "train", "student", kd=True, schedule="beta_search", init="teacher",
+          label="stage β (KD + student schedule A_S)", baseline=False, paper_row="stage_beta"),
+    Stage("vanilla_student", "train", "student", kd=False, schedule=None, init="teacher",
+          label="vanilla low-bit (teacher init, no KD)", baseline=True, paper_row="vanilla"),
+    Stage("only_kd", "train", "student", kd=True, schedule=None, init="teacher",
+          label="only KD (no learned schedule)", baseline=True, paper_row="only_kd"),
+    Stage("student_teacher_schedule", "train", "student", kd=True, schedule="alpha_search", init="teacher",
+          label="KD + teacher's schedule A_T", baseline=True, paper_row="student_teacher_schedule"),
+)
+
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+BASELINES: tuple[str, ...] = tuple(s.name for s in STAGES if s.baseline)
+
+
+def stage(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(name)
