@@ -90,8 +90,8 @@ def test_every_stage_has_its_role_teacher_schedule_method_bits_split_and_init(mi
     top = load_config(cfg_file).pipeline
     teacher_role, student_role = top.teacher, top.student
     # the micro config makes the two roles distinguishable
-    assert (teacher_role.w_bits, teacher_role.a_bits, teacher_role.method) == (32, 32, None)
-    assert (student_role.w_bits, student_role.a_bits) == (4, 4) and student_role.method
+    assert (teacher_role.quant.w_bits, teacher_role.quant.a_bits, teacher_role.method) == (32, 32, None)
+    assert (student_role.quant.w_bits, student_role.quant.a_bits) == (4, 4) and student_role.method
     a_t, a_s = root / "alpha_search" / "schedule.json", root / "beta_search" / "schedule.json"
     teacher = root / "teacher"
     kd = student_role.method
@@ -111,8 +111,8 @@ def test_every_stage_has_its_role_teacher_schedule_method_bits_split_and_init(mi
         c = _stage_config(root, stage)
         role = teacher_role if role_name == "teacher" else student_role
         assert Path(c["out"]).resolve() == (root / stage).resolve(), stage
-        assert c["model"]["name"] == role.model, stage
-        assert (c["quant"]["w_bits"], c["quant"]["a_bits"]) == (role.w_bits, role.a_bits), stage
+        assert c["model"]["name"] == role.model.name, stage
+        assert (c["quant"]["w_bits"], c["quant"]["a_bits"]) == (role.quant.w_bits, role.quant.a_bits), stage
         assert _same_path(c["kd"]["teacher"], kd_teacher), (stage, c["kd"]["teacher"])
         assert c["kd"]["method"] == method, stage
         assert _same_path(c["augment"]["schedule"], schedule), (stage, c["augment"]["schedule"])
@@ -125,7 +125,7 @@ def test_every_stage_has_its_role_teacher_schedule_method_bits_split_and_init(mi
             assert c["search"]["role"] == role_name, stage
         else:
             r = json.loads((root / stage / "result.json").read_text())
-            assert (r["w_bits"], r["a_bits"], r["kd"]) == (role.w_bits, role.a_bits, method), stage
+            assert (r["w_bits"], r["a_bits"], r["kd"]) == (role.quant.w_bits, role.quant.a_bits, method), stage
             assert _same_path(r["schedule"], schedule), stage
 
 

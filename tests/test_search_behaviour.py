@@ -20,8 +20,7 @@ from rolekd.augment.schedule import Schedule
 from rolekd.config import load_config
 from rolekd.data import DeviceLoader, Split, bundle_from_tensors, reduced_split, register_dataset
 from rolekd.models import create, register_model
-from rolekd.search import search_from_config
-from rolekd.train.run import train_from_config
+from rolekd.experiment import search_from_config, train_from_config
 
 DATASET = "searchbeh-colours"  # unique to this module (the data cache is keyed by the name)
 SIZE = 8  # 8x8 images keep the searches fast

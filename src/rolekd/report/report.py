@@ -18,6 +18,7 @@ import yaml
 
 from .. import __version__
 from ..augment.schedule import Schedule
+from ..config import RoleConfig
 from ..errors import UserError
 from ..files import atomic_write
 from ..plots import plot_rewards, plot_schedules_side_by_side, plot_test_curves
@@ -161,7 +162,7 @@ def build_report(root: str | Path) -> Path:
     info = collect(root)
     root, cfg, stages = info["root"], info["config"], info["stages"]
     pipe = cfg.get("pipeline") or {}
-    t, s = pipe.get("teacher") or {}, pipe.get("student") or {}
+    t, s = (RoleConfig.model_validate(pipe.get(r) or {}) for r in ("teacher", "student"))
     dataset = (cfg.get("data") or {}).get("name", "?")
     paper = _paper_numbers()
     lines = [f"# rolekd report: {cfg.get('name', root.name)}", ""]
@@ -170,12 +171,12 @@ def build_report(root: str | Path) -> Path:
               "setting matches (official CIFAR files, same model, bits and method; sources: "
               "docs/PAPER_NUMBERS.md).", ""]
     tb = 32
-    lines += _table("Teacher", TEACHER_ROWS, stages, f"{t.get('model')} {tb}-bit {dataset}", t.get("model", ""),
+    lines += _table("Teacher", TEACHER_ROWS, stages, f"{t.model.name} {tb}-bit {dataset}", t.model.name,
                     dataset, tb, None, paper)
-    sb = int(s.get("w_bits", 32))
-    lines += _table(f"Student ({s.get('method')} from {t.get('model')})", STUDENT_ROWS, stages,
-                    f"{s.get('model')} {s.get('w_bits')}/{s.get('a_bits')}-bit {dataset}", s.get("model", ""),
-                    dataset, sb, s.get("method"), paper)
+    sb = s.quant.w_bits
+    lines += _table(f"Student ({s.method} from {t.model.name})", STUDENT_ROWS, stages,
+                    f"{s.model.name} {s.quant.w_bits}/{s.quant.a_bits}-bit {dataset}", s.model.name,
+                    dataset, sb, s.method, paper)
     beta, only, van = (stages.get(k, {}).get("test_acc") for k in ("student", "only_kd", "vanilla_student"))
     if beta is not None and only is not None:
         verdict = [f"Stage β vs only-KD: {100 * (beta - only):+.2f} points"]
