@@ -36,7 +36,9 @@ def build_config(a, out: Path):
           f"train.batch_size={a.batch_size}", f"train.eval_batch_size={a.eval_batch_size}",
           f"search.population={a.population}", f"search.epochs={a.epochs}",
           f"search.perturb_interval={a.interval}", f"search.executor={a.executor}", "train.progress=false",
-          f"train.device={a.device}", f"train.eval_every={a.eval_every}", f"out={out}"]
+          f"train.device={a.device}", f"out={out}"]
+    if a.eval_every:
+        ov.append(f"search.eval_every={a.eval_every}")
     if a.data_path:
         ov += ["data.name=cifar10-jpeg", f"data.path={a.data_path}"]
     else:
@@ -110,7 +112,8 @@ def main() -> None:
     p.add_argument("--val-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--eval-batch-size", type=int, default=1000)
-    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="search.eval_every (default: evaluate only at the end of each round)")
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--ray-num-cpus", type=float, default=1.0)
     p.add_argument("--ray-num-gpus", type=float, default=0.0)

@@ -457,3 +457,23 @@ def test_ray_executor_gives_the_same_search(reference, tmp_path):
 
 # The student-role search (KD from a frozen teacher) is tested in test_search_behaviour.py
 # (test_student_role_search_distills_from_the_frozen_teacher).
+
+
+def test_evaluating_only_where_pbt_reads_the_reward_gives_the_same_search(reference, tmp_path):
+    """By default members evaluate the validation split only at the end of each round (where the controller
+    reads the reward); per-epoch evaluation (search.eval_every=1) must not change any decision: the same
+    exploits, logs, schedule and rewards, and more evaluated rows."""
+    out, s = reference
+    every = search_from_config(config(tmp_path / "e", "search.eval_every=1"), verbose=False)
+    a, b = outputs(out), outputs(tmp_path / "e")
+    assert a.pop("rewards.csv") != b.pop("rewards.csv") and a == b
+    assert every["final_val_acc"] == s["final_val_acc"] and every["best_test_acc"] == s["best_test_acc"]
+    ref_rows = list(csv.DictReader(open(out / "rewards.csv")))
+    all_rows = list(csv.DictReader(open(tmp_path / "e" / "rewards.csv")))
+    assert all(r["val_acc"] for r in all_rows)  # every epoch evaluated
+    evaluated = [(r["epoch"], r["member"]) for r in ref_rows if r["val_acc"]]
+    assert evaluated == [(r["epoch"], r["member"]) for r in all_rows if int(r["epoch"]) % 2 == 0]  # round ends
+    for r, q in zip(ref_rows, all_rows):
+        if r["val_acc"]:
+            assert (r["val_acc"], r["val_loss"]) == (q["val_acc"], q["val_loss"])
+        assert (r["train_loss"], r["policy"]) == (q["train_loss"], q["policy"])

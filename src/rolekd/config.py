@@ -122,6 +122,9 @@ class SearchConfig(_Section):
     ray_address: str | None = None
     ray_num_cpus: float = Field(1.0, gt=0)
     ray_num_gpus: float = Field(0.0, ge=0)
+    # evaluate members' validation split every N epochs; None: only where PBT reads the reward (the end of
+    # each round and the last epoch), the cheapest choice, with the same schedules and exploit decisions
+    eval_every: int | None = Field(None, gt=0)
 
 
 class RoleConfig(_Section):

@@ -49,12 +49,14 @@ def member_config(cfg: Config, index: int) -> Config:
     """The training config of member ``index`` of the search ``cfg``.
 
     The search's data split (reduced); one run of ``search.epochs`` epochs (the LR schedule spans the
-    search); the member's own seed; no schedule file (the controller sets the policy); no per-step
-    progress bar. Role ``teacher`` trains plainly (KD settings dropped); role ``student`` keeps ``kd``
+    search); the member's own seed; evaluation every ``search.eval_every`` epochs (default: only at the
+    end of each round, where the controller reads the reward); no schedule file (the controller sets
+    the policy); no per-step progress bar. Role ``teacher`` trains plainly (KD settings dropped); role ``student`` keeps ``kd``
     and ``quant``.
     """
     return derive(cfg, f"search member {index}",
-                  train={"epochs": cfg.search.epochs, "seed": member_seed(cfg.search.seed, index), "progress": False},
+                  train={"epochs": cfg.search.epochs, "seed": member_seed(cfg.search.seed, index), "progress": False,
+                         "eval_every": cfg.search.eval_every or cfg.search.epochs},
                   augment={"schedule": None, "schedule_epochs": None},
                   **({"kd": KDConfig()} if cfg.search.role == "teacher" else {}))
 
