@@ -1,9 +1,12 @@
 """`rolekd run` end to end on a micro configuration: every stage, the report, kill and resume."""
 
 import json
+import math
 import os
 import re
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -30,10 +33,17 @@ augment: {cutout: 0}
 search: {population: 2, epochs: 2, perturb_interval: 1}
 kd: {prepare_epochs: 1}
 pipeline:
+  seeds: 2
   teacher: {model: resnet_tiny}
   student: {model: resnet_tiny, w_bits: 4, a_bits: 4, method: iikd,
             train: {optimizer: adam, lr: 0.001, weight_decay: 1.0e-5}}
 """
+TRAINED = ("teacher", "vanilla_teacher", "student", "vanilla_student", "only_kd", "student_teacher_schedule")
+
+
+def accs(root, stage):
+    """Test accuracies (%) of a stage's seed runs, read from their result.json files."""
+    return [100 * json.loads((root / d / "result.json").read_text())["test_acc"] for d in (stage, f"{stage}_seed1")]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +60,12 @@ def test_every_stage_ran_and_report_holds_their_numbers(micro):
     for stage in STAGES:
         assert (root / stage / ("search.json" if stage.endswith("_search") else "result.json")).is_file(), stage
     report = (root / "report.md").read_text()
-    for stage in ("teacher", "vanilla_teacher", "student", "vanilla_student", "only_kd", "student_teacher_schedule"):
-        acc = json.loads((root / stage / "result.json").read_text())["test_acc"]
-        assert f"| {100 * acc:.2f} |" in report, stage
+    for stage in TRAINED:  # every retraining stage ran with two seeds: mean ± sample std in the report
+        a = accs(root, stage)
+        cfg0 = yaml.safe_load((root / stage / "config.yaml").read_text())
+        cfg1 = yaml.safe_load((root / f"{stage}_seed1" / "config.yaml").read_text())
+        assert cfg1["train"]["seed"] == cfg0["train"]["seed"] + 1
+        assert f"| {statistics.mean(a):.2f} ± {statistics.stdev(a):.2f} | 2 |" in report, stage
     for stage in ("alpha_search", "beta_search"):
         s = json.loads((root / stage / "search.json").read_text())
         assert f"{100 * s['best_val_acc']:.2f}" in report
@@ -67,10 +80,22 @@ def test_every_stage_ran_and_report_holds_their_numbers(micro):
     assert "alpha_search/schedule.json" in tcfg and "fit_epochs: true" in tcfg
     scfg = (root / "student" / "config.yaml").read_text()
     assert "beta_search/schedule.json" in scfg and re.search(r"teacher: .*/teacher\n", scfg)
-    # stage β's numbers are measured, with the verdict line computed from them
-    beta = json.loads((root / "student" / "result.json").read_text())["test_acc"]
-    only = json.loads((root / "only_kd" / "result.json").read_text())["test_acc"]
-    assert f"Stage β vs only-KD: {100 * (beta - only):+.2f} points" in report
+    # each comparison the paper makes is a paired difference over the seeds, with its verdict
+    for label, a, b in [("stage α vs vanilla teacher", "teacher", "vanilla_teacher"),
+                        ("stage β vs only-KD", "student", "only_kd"),
+                        ("student schedule vs teacher schedule", "student", "student_teacher_schedule"),
+                        ("KD vs no KD", "only_kd", "vanilla_student")]:
+        diffs = [x - y for x, y in zip(accs(root, a), accs(root, b))]
+        line = next(x for x in report.splitlines() if x.startswith(f"| {label}"))
+        mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+        assert f"| {mean:+.2f} ± {sd:.2f} | 2 |" in line, line
+        t = mean / (sd / math.sqrt(2)) if sd else (math.inf if mean else 0.0)
+        if sd == 0 and mean == 0:
+            assert "identical in every seed" in line
+        elif abs(t) > 12.706:  # Student's t, 1 degree of freedom, two-sided 95%
+            assert "larger than the seed-to-seed noise" in line
+        else:
+            assert "within the seed-to-seed noise" in line
 
 
 def _stage_config(root: Path, stage: str) -> dict:
@@ -241,26 +266,95 @@ def test_kill_at_any_point_and_rerun_completes_with_the_same_results(micro, tmp_
 
 
 def test_paper_numbers_appear_only_for_a_matching_setting(micro, tmp_path, monkeypatch):
-    import shutil
-
-    import yaml
-
     from rolekd.report import report as rep
 
     _, root = micro
+    stage_beta = {"dataset": "cifar10", "model": "resnet_tiny", "bits": 4, "row": "stage_beta", "method": "iikd",
+                  "teacher": "resnet_tiny", "init": "teacher", "lam": 0.4}
+    cells = [{"table": "T2", "where": "a", "acc": 12.34, "setting": stage_beta},
+             {"table": "T2", "where": "b", "acc": 56.78, "setting": dict(stage_beta, bits=2)},
+             {"table": "T1", "where": "c", "acc": 65.43, "setting": dict(stage_beta, lam=1.0)},
+             {"table": "T2", "where": "d", "acc": 23.45, "setting": dict(stage_beta, row="only_kd")},
+             {"table": "T2", "where": "e", "acc": 34.56, "setting": dict(stage_beta, row="vanilla", init="scratch")}]
     paper = tmp_path / "paper.yaml"
-    paper.write_text(yaml.safe_dump({"tables": {"table2": {"rows": [
-        {"model": "resnet_tiny", "dataset": "cifar10", "bits": 4, "row": "stage_beta", "acc": 12.34},
-        {"model": "resnet_tiny", "dataset": "cifar10", "bits": 2, "row": "only_kd", "acc": 56.78}]}}}))
+
+    def report(epochs):
+        paper.write_text(yaml.safe_dump({"epochs": epochs, "cells": cells}))
+        return rep.build_report(copy).read_text()
+
     monkeypatch.setattr(rep, "PAPER_FILE", paper)
     copy = tmp_path / "run"
     shutil.copytree(root, copy)
-    text = rep.build_report(copy).read_text()
-    assert "12.34" not in text  # the bundled sample is not the official CIFAR-10: no paper number
+    assert "12.34" not in report(2)  # the bundled sample is not the official CIFAR-10: no paper number
     cfg = yaml.safe_load((copy / "config.yaml").read_text())
     cfg["data"]["name"] = "cifar10"
     (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
-    text = rep.build_report(copy).read_text()
-    beta_line = next(line for line in text.splitlines() if line.startswith("| stage β"))
-    assert "12.34 (table2)" in beta_line
-    assert "56.78" not in text  # 2-bit number, 4-bit run
+    text = report(2)
+    line = next(x for x in text.splitlines() if x.startswith("| stage β"))
+    assert "12.34 (T2, a)" in line
+    assert "23.45 (T2, d)" in next(x for x in text.splitlines() if x.startswith("| only KD"))
+    assert "56.78" not in text and "65.43" not in text  # 2-bit cell; λ = 1 cell (this run: λ = 0.4)
+    assert "34.56" not in text  # the paper's low-bit vanilla trains from scratch; ours starts from the teacher
+    assert "12.34" not in report(200)  # the paper's 200-epoch recipe, this run 2 epochs
+
+
+def test_the_bundled_paper_numbers_are_the_papers_tables(shared_dir):
+    """report/paper.yaml holds every number of the paper's Tables 1-4 (../shared/paper/tables.yaml), each once,
+    in the table it comes from."""
+    tables = yaml.safe_load((shared_dir / "paper" / "tables.yaml").read_text())
+    from rolekd.report.report import PAPER_FILE
+
+    cells = yaml.safe_load(PAPER_FILE.read_text())["cells"]
+    for key in ("table1", "table2", "table3", "table4"):
+        want = sorted(v for row in tables[key]["rows"].values() for v in row)
+        if key == "table4":
+            want = sorted(want + list(tables[key]["teachers"].values()))
+        got = sorted(c["acc"] for c in cells if c["table"] == f"Table {key[-1]}")
+        assert got == want, key
+    t1 = [c for c in cells if c["table"] == "Table 1"]
+    assert {c["setting"]["lam"] for c in t1 if c["setting"]["method"] != "iikd"} == {1.0}  # baselines at λ = 1
+    assert {c["setting"]["lam"] for c in t1 if c["setting"]["method"] == "iikd"} == {0.4}
+
+
+def test_report_says_when_a_schedule_is_empty_and_when_stages_trained_identically(micro, tmp_path):
+    from rolekd.report import build_report
+
+    _, root = micro
+    report = (root / "report.md").read_text()
+    for search, label in (("alpha_search", "A_T"), ("beta_search", "A_S")):
+        pols = Schedule.load(root / search / "schedule.json").policies
+        active = sum(1 for p in pols if any(p[i] for i in range(0, 60, 2)))
+        if active:
+            assert f"{label} (teacher)" in report or f"{label} (student)" in report
+            assert f"applies ops in {active} of its {len(pols)} epochs" in report
+        else:
+            assert f"The learned schedule {label}" in report and "is empty" in report
+    # with an empty A_T, stage α trains exactly as the vanilla teacher: the report must say so, and only then
+    pols = Schedule.load(root / "alpha_search" / "schedule.json").policies
+    def trajectory(d):
+        rows = [json.loads(x) for x in (root / d / "metrics.jsonl").read_text().splitlines()]
+        return [(r["train_loss"], r["train_acc"], r["test_acc"]) for r in rows]
+
+    same_t = all(trajectory(f"teacher{d}") == trajectory(f"vanilla_teacher{d}") for d in ("", "_seed1"))
+    said = "stage α (teacher schedule A_T) and vanilla (base augmentation) trained identically" in report
+    assert said == same_t
+    if not any(any(p[i] for i in range(0, 60, 2)) for p in pols):
+        assert same_t  # an empty A_T: stage α is the vanilla teacher, epoch by epoch
+    # a copy whose A_T is empty and whose stage α run is the vanilla teacher's
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    Schedule([[0] * 60] * 2).save(copy / "alpha_search" / "schedule.json")
+    for d in ("", "_seed1"):
+        shutil.copy(copy / f"vanilla_teacher{d}" / "metrics.jsonl", copy / f"teacher{d}" / "metrics.jsonl")
+        shutil.copy(copy / f"vanilla_teacher{d}" / "result.json", copy / f"teacher{d}" / "result.json")
+    text = build_report(copy).read_text()
+    assert "**The learned schedule A_T (teacher) is empty**" in text
+    assert ("**stage α (teacher schedule A_T) and vanilla (base augmentation) trained identically** (the same "
+            "losses and accuracies in every epoch, every seed)") in text
+    line = next(x for x in text.splitlines() if x.startswith("| stage α vs vanilla teacher"))
+    assert "| +0.00 ± 0.00 | 2 | identical in every seed |" in line
+    # and a non-empty schedule is counted: ops in exactly the epochs that have a probability above 0
+    pol = [0] * 60
+    pol[0] = 3  # one op, probability 0.3, in the second epoch only
+    Schedule([[0] * 60, pol]).save(copy / "alpha_search" / "schedule.json")
+    assert "A_T (teacher) applies ops in 1 of its 2 epochs" in build_report(copy).read_text()

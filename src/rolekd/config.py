@@ -162,6 +162,9 @@ class PipelineConfig(_Section):
                                                                    method="iikd"))
     baselines: list[str] = Field(default_factory=lambda: list(BASELINES))
     paper: str | None = None  # key of the paper table/setting this run reproduces (for the report)
+    # every retraining stage runs with seeds train.seed, train.seed + 1, ... (searches run once); the same
+    # seeds in every stage, so stages pair up seed by seed in the report
+    seeds: int = Field(1, ge=1)
 
     @field_validator("baselines")
     @classmethod
@@ -189,6 +192,7 @@ class Config(_Section):
 
 
 ALIASES = {
+    "seeds": "pipeline.seeds",
     "teacher": "kd.teacher",
     "method": "kd.method",
     "lam": "kd.lam",

@@ -301,7 +301,8 @@ def train_from_config(cfg: Config, run_dir: Path | None = None, log_name: str = 
     last = history[-1]
     result = {"name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.name, "epochs": cfg.train.epochs,
               "w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits, "kd": cfg.kd.method,
-              "schedule": cfg.augment.schedule,
+              "schedule": cfg.augment.schedule, "train_images": trainer.train_loader.num_samples,
+              "test_images": trainer.eval_loaders["test"].num_samples,
               "test_acc": last.get("test_acc"), "best_test_acc": max(r.get("test_acc", 0.0) for r in history),
               "wall_time_s": round(time.time() - t0, 2), "device": str(trainer.device)}
     atomic_write(result_file, json.dumps(result, indent=2))

@@ -26,6 +26,8 @@ from rolekd.files import atomic_write
 ScheduleLike = Union[Schedule, Sequence[Sequence[int]]]
 
 DEFAULT_FIGSIZE = (12.0, 4.5)
+PROB_LABEL = "share of augmentation\n(op probability / busiest epoch's total)"
+MAG_LABEL = "magnitude (0 = weakest, 9 = strongest)"
 DEFAULT_DPI = 100
 
 
@@ -61,7 +63,14 @@ def _colors() -> list:
     return [cmap(i) for i in range(NUM_OPS)]
 
 
+def _style(k: int) -> str:
+    """tab20 gives ops 2j and 2j + 1 a dark and a light shade of one hue: solid vs dashed tells them apart."""
+    return "-" if k % 2 == 0 else "--"
+
+
 def _draw(ax_p, ax_m, s: ScheduleLike, colors: list, label: str | None) -> list:
+    from matplotlib.ticker import MaxNLocator
+
     prob, mag = op_curves(s)
     n = prob.shape[0]
     x = np.arange(n + 1)  # epoch e covers [e, e + 1): draw as steps, repeating the last value
@@ -69,16 +78,18 @@ def _draw(ax_p, ax_m, s: ScheduleLike, colors: list, label: str | None) -> list:
     mag = np.vstack([mag, mag[-1:]])
     handles = []
     for k, op in enumerate(OPS):
-        (h,) = ax_p.plot(x, prob[:, k], color=colors[k], lw=1.3, label=op, drawstyle="steps-post")
-        ax_m.plot(x, mag[:, k], color=colors[k], lw=1.3, label=op, drawstyle="steps-post")
+        kw = dict(color=colors[k], lw=1.4, ls=_style(k), label=op, drawstyle="steps-post")
+        (h,) = ax_p.plot(x, prob[:, k], **kw)
+        ax_m.plot(x, mag[:, k], **kw)
         handles.append(h)
-    prefix = f"{label}: " if label else ""
-    ax_p.set_title(prefix + "probability (normalised)")
-    ax_m.set_title(prefix + "magnitude")
+    prefix = f"{label}\n" if label else ""
+    ax_p.set_title(prefix + "how often each op is applied")
+    ax_m.set_title(prefix + "how strongly (magnitude)")
     for ax in (ax_p, ax_m):
         ax.set_xlabel("epoch")
         ax.set_xlim(0, n)
         ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_p.set_ylim(bottom=0)
     ax_m.set_ylim(0, 9.5)
     return handles
@@ -106,8 +117,8 @@ def plot_schedule(schedule_or_list: ScheduleLike, path: str | os.PathLike, title
     fig = Figure(figsize=figsize, dpi=dpi)
     ax_p, ax_m = fig.subplots(1, 2)
     handles = _draw(ax_p, ax_m, schedule_or_list, _colors(), None)
-    ax_p.set_ylabel("probability / max per-epoch sum")
-    ax_m.set_ylabel("magnitude (0-9)")
+    ax_p.set_ylabel(PROB_LABEL)
+    ax_m.set_ylabel(MAG_LABEL)
     fig.legend(handles, list(OPS), loc="center right", fontsize="small", frameon=False)
     if title:
         fig.suptitle(title)
@@ -132,8 +143,8 @@ def plot_schedules_side_by_side(schedules: Mapping[str, ScheduleLike], path: str
     handles: list = []
     for j, (name, s) in enumerate(schedules.items()):
         handles = _draw(axes[0, j], axes[1, j], s, colors, name)
-    axes[0, 0].set_ylabel("probability / max per-epoch sum")
-    axes[1, 0].set_ylabel("magnitude (0-9)")
+    axes[0, 0].set_ylabel(PROB_LABEL)
+    axes[1, 0].set_ylabel(MAG_LABEL)
     fig.legend(handles, list(OPS), loc="center right", fontsize="small", frameon=False)
     if title:
         fig.suptitle(title)

@@ -57,6 +57,11 @@ STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 BASELINES: tuple[str, ...] = tuple(s.name for s in STAGES if s.baseline)
 
 
+def stage_dir(name: str, k: int = 0) -> str:
+    """The run directory (under the pipeline's) of seed run ``k`` of stage ``name``."""
+    return name if k == 0 else f"{name}_seed{k}"
+
+
 def stage(name: str) -> Stage:
     for s in STAGES:
         if s.name == name:

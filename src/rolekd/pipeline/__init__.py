@@ -1,5 +1,5 @@
 """The two-stage role-wise pipeline: stage α (teacher schedule), stage β (student schedule), baselines."""
 
-from .run import QUICKSTART, run_pipeline, stage_configs
+from .run import QUICKSTART, StageRun, run_pipeline, stage_config, stage_configs, stage_dir, stage_runs
 
-__all__ = ["QUICKSTART", "run_pipeline", "stage_configs"]
+__all__ = ["QUICKSTART", "StageRun", "run_pipeline", "stage_config", "stage_configs", "stage_dir", "stage_runs"]

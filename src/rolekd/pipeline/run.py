@@ -14,6 +14,11 @@ finished stages and resumes an interrupted one:
     student_teacher_schedule/ baseline: KD with the teacher's schedule A_T (the paper's Table 3)
     report.md, figures/
 
+With ``pipeline.seeds=N`` every retraining stage runs N times, with seeds ``train.seed + k``; run ``k``
+of stage ``S`` is ``S/`` for ``k = 0`` and ``S_seed<k>/`` otherwise. The searches run once, and every
+student distils from the first seed's stage-α teacher (``teacher/``, the paper's fixed pre-trained
+teacher), so stages pair up seed by seed.
+
 All stages of one run share one :class:`~rolekd.experiment.Session` (the decoded data, the frozen
 teacher and MHGD's prepared attention are made once).
 """
@@ -21,6 +26,7 @@ teacher and MHGD's prepared attention are made once).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, derive, load_config
@@ -28,15 +34,25 @@ from ..errors import UserError
 from ..experiment import Session, prepare_run_dir, search_from_config, train_from_config
 from ..files import atomic_write
 from ..report import build_report
-from ..stages import STAGES, TEACHER_STAGE, Stage
+from ..stages import STAGES, TEACHER_STAGE, Stage, stage_dir
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
-def stage_config(cfg: Config, st: Stage, root: Path) -> Config:
-    """The config of pipeline stage ``st`` of the pipeline ``cfg`` whose run directory is ``root``."""
+@dataclass(frozen=True)
+class StageRun:
+    stage: Stage
+    k: int  # seed index (0 .. pipeline.seeds - 1; searches: 0)
+    dir: str
+    config: Config
+
+
+def stage_config(cfg: Config, st: Stage, root: Path, k: int = 0) -> Config:
+    """The config of seed run ``k`` of pipeline stage ``st`` of ``cfg`` whose run directory is ``root``."""
     role = cfg.pipeline.teacher if st.role == "teacher" else cfg.pipeline.student
     train = dict(role.train)
+    if k:
+        train["seed"] = int(train.get("seed", cfg.train.seed)) + k
     changes: dict = {}
     if st.kind == "search":
         train.update(role.search_train)
@@ -53,34 +69,44 @@ def stage_config(cfg: Config, st: Stage, root: Path) -> Config:
         # integer ratios, without its truncation for the others)
         augment = {"schedule": str(root / st.schedule / "schedule.json"), "schedule_epochs": None,
                    "multiplier": 1.0, "fit_epochs": True}
-    return derive(cfg, f"pipeline stage {st.name}", name=f"{cfg.name}/{st.name}", out=str(root / st.name),
+    d = stage_dir(st.name, k)
+    return derive(cfg, f"pipeline stage {d}", name=f"{cfg.name}/{d}", out=str(root / d),
                   model=role.model, quant=role.quant, train=train, kd=kd, augment=augment, pipeline=None,
                   **changes)
 
 
-def stage_configs(cfg: Config, root: Path | None = None) -> dict[str, Config]:
-    """The config of every stage the pipeline will run, in order."""
+def stage_runs(cfg: Config, root: Path | None = None) -> list[StageRun]:
+    """Every run the pipeline makes, in order: each stage (seed 0 first), then the other seeds of the
+    retraining stages."""
     root = Path(root or cfg.run_dir())
     if not cfg.pipeline.student.method:
         raise UserError("pipeline.student.method is not set: choose soft, dml, rkd, kdsvd, mhgd or iikd")
-    return {st.name: stage_config(cfg, st, root) for st in STAGES
-            if not st.baseline or st.name in cfg.pipeline.baselines}
+    stages = [st for st in STAGES if not st.baseline or st.name in cfg.pipeline.baselines]
+    runs = [StageRun(st, 0, stage_dir(st.name), stage_config(cfg, st, root)) for st in stages]
+    for k in range(1, cfg.pipeline.seeds):
+        runs += [StageRun(st, k, stage_dir(st.name, k), stage_config(cfg, st, root, k))
+                 for st in stages if st.kind == "train"]
+    return runs
+
+
+def stage_configs(cfg: Config, root: Path | None = None) -> dict[str, Config]:
+    """The config of every run the pipeline makes, by run directory name, in order."""
+    return {r.dir: r.config for r in stage_runs(cfg, root)}
 
 
 def run_pipeline(config: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """Run (or resume) every stage, then write ``report.md``. Returns {stage: result}."""
     cfg = load_config(config if config is not None else QUICKSTART, overrides)
     root = prepare_run_dir(cfg)
-    stages = stage_configs(cfg, root)
-    kinds = {st.name: st.kind for st in STAGES}
+    runs = stage_runs(cfg, root)
     results: dict[str, dict] = {}
     with Session() as session:
-        for i, (name, scfg) in enumerate(stages.items(), 1):
-            print(f"== rolekd run: stage {i}/{len(stages)}: {name} -> {scfg.out}", flush=True)
-            if kinds[name] == "search":
-                results[name] = search_from_config(scfg, session=session)
+        for i, r in enumerate(runs, 1):
+            print(f"== rolekd run: stage {i}/{len(runs)}: {r.dir} -> {r.config.out}", flush=True)
+            if r.stage.kind == "search":
+                results[r.dir] = search_from_config(r.config, session=session)
             else:
-                results[name] = train_from_config(scfg, log_name=name, session=session)
+                results[r.dir] = train_from_config(r.config, log_name=r.dir, session=session)
     atomic_write(root / "results.json", json.dumps(results, indent=2, default=str))
     report = build_report(root)
     print(f"report: {report}")

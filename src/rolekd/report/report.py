@@ -1,15 +1,21 @@
 """``report.md`` of a pipeline run directory (``rolekd report RUN_DIR`` rebuilds it).
 
-Every number in the tables is read from the stages' ``result.json`` / ``search.json`` files; the
-paper's numbers (``paper.yaml``, sources in docs/PAPER_NUMBERS.md) are printed beside a cell only when
-the setting matches (same model, dataset, bits and KD method).
+Every number is read from the stages' ``result.json`` / ``search.json`` / ``metrics.jsonl`` files. The
+report says what was trained (model, bits, epochs, data sizes, seeds); gives each stage's test accuracy
+as mean ± std over its seeds; gives every comparison the paper makes as a paired difference (seed by
+seed) with its spread and whether it stands out from the seed-to-seed noise; and checks what it
+reports: a learned schedule that applies no op, and two stages that trained identically, are said in
+words. The paper's numbers (``paper.yaml``; sources in docs/PAPER_NUMBERS.md) appear beside a cell
+only when the cell's setting matches the paper's.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import platform
+import statistics
 from pathlib import Path
 
 import numpy
@@ -18,24 +24,36 @@ import yaml
 
 from .. import __version__
 from ..augment.schedule import Schedule
-from ..config import RoleConfig
+from ..augment.space import POLICY_LEN
+from ..config import Config, validate_config
 from ..errors import UserError
 from ..files import atomic_write
 from ..plots import plot_rewards, plot_schedules_side_by_side, plot_test_curves
-from ..stages import STAGES
+from ..stages import STAGES, Stage, stage, stage_dir
 
 PAPER_FILE = Path(__file__).with_name("paper.yaml")
 
 
-def _rows(role: str) -> list[tuple[str, str, str | None]]:
-    """(stage, label, paper row) of the trained stages of ``role``: baselines first, in table order."""
+def _rows(role: str) -> list[Stage]:
+    """The retraining stages of ``role``: baselines first, in table order, the role's main stage last."""
     trained = [st for st in STAGES if st.kind == "train" and st.role == role]
-    return [(st.name, st.label, st.paper_row) for st in sorted(trained, key=lambda st: not st.baseline)]
+    return sorted(trained, key=lambda st: not st.baseline)
 
 
-TEACHER_ROWS = _rows("teacher")
-STUDENT_ROWS = _rows("student")
+TEACHER_ROWS = [(st.name, st.label, st.paper_row) for st in _rows("teacher")]
+STUDENT_ROWS = [(st.name, st.label, st.paper_row) for st in _rows("student")]
 SEARCHES = [st.name for st in STAGES if st.kind == "search"]
+SCHEDULES = {"alpha_search": "A_T (teacher)", "beta_search": "A_S (student)"}
+
+# the comparisons the paper makes, as (label, stage, baseline): difference = stage - baseline, seed by seed
+COMPARISONS = [
+    ("stage α vs vanilla teacher (A_T vs base augmentation)", "teacher", "vanilla_teacher"),
+    ("stage β vs only-KD (A_S vs base augmentation, both with KD)", "student", "only_kd"),
+    ("student schedule vs teacher schedule (A_S vs A_T, both with KD)", "student", "student_teacher_schedule"),
+    ("KD vs no KD (only-KD vs vanilla low-bit)", "only_kd", "vanilla_student"),
+]
+# two-sided 95% quantiles of Student's t by degrees of freedom (1..10); 1.96 beyond
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -45,59 +63,150 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _metrics(path: Path) -> list[dict]:
+    try:
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return []
+
+
 def collect(root: str | Path) -> dict:
     """Everything the report shows, read from the run directory."""
     root = Path(root)
     cfg_file = root / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"{root} is not a rolekd run directory (no config.yaml): give the folder `rolekd run` wrote")
-    cfg = yaml.safe_load(cfg_file.read_text()) or {}
-    stages = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        res = _read_json(d / "result.json") or _read_json(d / "search.json")
-        if res is not None:
-            stages[d.name] = res
-    return {"root": root, "config": cfg, "stages": stages}
+    try:
+        cfg = validate_config(yaml.safe_load(cfg_file.read_text()) or {}, str(cfg_file))
+    except yaml.YAMLError:
+        raise UserError(f"{cfg_file} is not valid YAML: rerun `rolekd run` with the pipeline's config") from None
+    runs: dict[str, list[dict]] = {}  # stage -> results of seed 0, 1, ... (None where missing)
+    for st in STAGES:
+        n = 1 if st.kind == "search" else cfg.pipeline.seeds
+        found = []
+        for k in range(n):
+            d = root / stage_dir(st.name, k)
+            res = _read_json(d / ("search.json" if st.kind == "search" else "result.json"))
+            if res is not None:
+                res = dict(res, _dir=d.name, _k=k)
+                stage_cfg = d / "config.yaml"
+                if stage_cfg.is_file():
+                    res["_config"] = yaml.safe_load(stage_cfg.read_text()) or {}
+            found.append(res)
+        if any(found):
+            runs[st.name] = found
+    return {"root": root, "config": cfg, "runs": runs}
 
 
-def _paper_numbers() -> list[dict]:
+# ---------------------------------------------------------------------------------------- numbers
+def _accs(results: list[dict | None]) -> list[float | None]:
+    return [None if r is None or r.get("test_acc") is None else 100 * float(r["test_acc"]) for r in results]
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def paired(a: list[float | None], b: list[float | None]) -> dict | None:
+    """The seed-by-seed differences a - b: mean, std, n, paired t and the verdict against seed noise."""
+    diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    if not diffs:
+        return None
+    n, mean = len(diffs), statistics.mean(diffs)
+    if n == 1:
+        return {"mean": mean, "std": None, "n": 1, "t": None,
+                "verdict": "one seed: the seed-to-seed noise is unknown (run with seeds=N, N >= 2)"}
+    sd = statistics.stdev(diffs)
+    crit = _T95.get(n - 1, 1.96)
+    if sd == 0:
+        t = math.inf if mean else 0.0
+    else:
+        t = mean / (sd / math.sqrt(n))
+    if mean == 0 and sd == 0:
+        verdict = "identical in every seed"
+    elif abs(t) > crit:
+        verdict = f"larger than the seed-to-seed noise (paired t = {t:.2f}, 95% needs |t| > {crit:.2f})"
+    else:
+        verdict = f"within the seed-to-seed noise (paired t = {t:.2f}, 95% needs |t| > {crit:.2f})"
+    return {"mean": mean, "std": sd, "n": n, "t": t, "verdict": verdict}
+
+
+def _paper_cells() -> tuple[list[dict], int | None]:
     if not PAPER_FILE.is_file():
-        return []
+        return [], None
     data = yaml.safe_load(PAPER_FILE.read_text()) or {}
-    rows = []
-    for table, t in (data.get("tables") or {}).items():
-        for r in t.get("rows", []) or []:
-            rows.append(dict(r, table=table))
-    return rows
+    return list(data.get("cells") or []), data.get("epochs")
 
 
-def _paper_cell(rows: list[dict], model: str, dataset: str, bits: int, row: str, method: str | None) -> str:
-    if dataset not in ("cifar10", "cifar100"):
+def cell_setting(cfg: Config, st: Stage, stage_cfg: dict | None) -> dict:
+    """The setting of one report cell, in the keys paper.yaml uses."""
+    c = validate_config(stage_cfg, "stage config") if stage_cfg else None
+    role = cfg.pipeline.teacher if st.role == "teacher" else cfg.pipeline.student
+    model = c.model.name if c else role.model.name
+    w_bits = c.quant.w_bits if c else role.quant.w_bits
+    epochs = c.train.epochs if c else int(role.train.get("epochs", cfg.train.epochs))
+    s = {"dataset": cfg.data.name, "model": model, "bits": w_bits, "row": st.paper_row, "epochs": epochs}
+    if st.role == "student":
+        teacher = cfg.pipeline.teacher.model.name
+        s["teacher"] = teacher
+        same = teacher == model
+        init = st.init == "teacher" and same and (c.kd.init_from_teacher if c else cfg.kd.init_from_teacher)
+        s["init"] = "teacher" if init else "scratch"
+        if st.kd:
+            s["method"] = c.kd.method if c else role.method
+            s["lam"] = c.kd.lam if c else cfg.kd.lam
+    return s
+
+
+def paper_number(cells: list[dict], epochs: int | None, setting: dict) -> str:
+    """The paper's number for a cell of this setting ('' when no cell matches), with where it is."""
+    if setting.get("dataset") not in ("cifar10", "cifar100") or (epochs is not None and setting["epochs"] != epochs):
         return ""
-    for r in rows:
-        if (r.get("model") == model and r.get("dataset") == dataset and int(r.get("bits", -1)) == bits
-                and r.get("row") == row and r.get("method", method) in (method, None)):
-            return f"{float(r['acc']):.2f} ({r['table']})"
+    for cell in cells:
+        want = cell.get("setting") or {}
+        if all(k in setting and (setting[k] == v or (isinstance(v, float) and isinstance(setting[k], (int, float))
+                                                     and abs(setting[k] - v) < 1e-9)) for k, v in want.items()):
+            return f"{float(cell['acc']):.2f} ({cell['table']}, {cell['where']})"
     return ""
 
 
-def _acc(res: dict | None) -> str:
-    if not res or res.get("test_acc") is None:
-        return "—"
-    return f"{100 * float(res['test_acc']):.2f}"
+# ---------------------------------------------------------------------------------------- checks
+def schedule_activity(path: Path) -> tuple[int, int] | None:
+    """(epochs in which some op has probability > 0, epochs) of a schedule file, or None if absent."""
+    if not path.is_file():
+        return None
+    sched = Schedule.load(path)
+    active = sum(1 for p in sched.policies if any(p[i] > 0 for i in range(0, POLICY_LEN, 2)))
+    return active, len(sched)
 
 
-def _table(title: str, rows, stages: dict, setting: str, model: str, dataset: str, bits: int,
-           method: str | None, paper: list[dict]) -> list[str]:
-    lines = [f"### {title}", "", f"| method / stage | {setting}: test acc (%) | paper (%) |", "|---|---:|---:|"]
-    for key, label, paper_row in rows:
-        if key not in stages and key not in ("teacher", "student"):
-            continue
-        lines.append(f"| {label} | {_acc(stages.get(key))} | "
-                     f"{_paper_cell(paper, model, dataset, bits, paper_row, method) or '—'} |")
-    return lines + [""]
+def _trajectory(results: dict | None, root: Path) -> list[tuple] | None:
+    if results is None:
+        return None
+    rows = _metrics(root / results["_dir"] / "metrics.jsonl")
+    keys = ("train_loss", "train_acc", "test_acc")
+    return [tuple(r.get(k) for k in keys) for r in rows] or None
 
 
+def identical_pairs(info: dict) -> list[tuple[str, str, list[int]]]:
+    """Compared stage pairs that trained identically (the same losses and accuracies in every epoch), with
+    the seeds where they did."""
+    root, runs = info["root"], info["runs"]
+    out = []
+    for _, a, b in COMPARISONS:
+        if a in runs and b in runs:
+            same = [k for k, (ra, rb) in enumerate(zip(runs[a], runs[b]))
+                    if (ta := _trajectory(ra, root)) is not None and ta == _trajectory(rb, root)]
+            if same:
+                out.append((a, b, same))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- figures
 def _read_csv(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -118,81 +227,144 @@ def _read_exploits(path: Path) -> list[dict]:
     return out
 
 
-def _figures(root: Path, stages: dict) -> list[str]:
+def _figures(info: dict) -> list[str]:
+    root, runs = info["root"], info["runs"]
     fig_dir = root / "figures"
     fig_dir.mkdir(exist_ok=True)
     lines = []
     scheds = {}
-    for role, d in (("teacher (A_T)", "alpha_search"), ("student (A_S)", "beta_search")):
+    for d, label in SCHEDULES.items():
         f = root / d / "schedule.json"
-        if f.is_file():
-            scheds[role] = Schedule.load(f)
+        act = schedule_activity(f)
+        if act is not None:
+            scheds[f"{label}: ops in {act[0]} of {act[1]} epochs"] = Schedule.load(f)
     if scheds:
         plot_schedules_side_by_side(scheds, fig_dir / "schedules.png")
         lines.append("![schedules](figures/schedules.png)")
     rewards = {d: _read_csv(root / d / "rewards.csv") for d in SEARCHES}
     rewards = {k: v for k, v in rewards.items() if v}
     if rewards:
-        best = {d: int(stages[d]["best_member"]) for d in rewards if "best_member" in stages.get(d, {})}
+        best = {d: int(runs[d][0]["best_member"]) for d in rewards if runs.get(d) and runs[d][0]}
         exploits = {d: _read_exploits(root / d / "pbt_global.txt") for d in rewards}
         plot_rewards(rewards, fig_dir / "rewards.png", best=best, exploits=exploits)
         lines.append("![search rewards](figures/rewards.png)")
     curves = {}
-    for d in stages:
-        m = root / d / "metrics.jsonl"
-        if m.is_file():
-            rows = [json.loads(x) for x in m.read_text().splitlines() if x.strip()]
-            pts = [(r["epoch"] + 1, 100 * r["test_acc"]) for r in rows if "test_acc" in r]
+    for st in STAGES:
+        per_seed = []
+        for res in runs.get(st.name, []):
+            if res is None:
+                continue
+            pts = [(r["epoch"] + 1, 100 * r["test_acc"]) for r in _metrics(root / res["_dir"] / "metrics.jsonl")
+                   if "test_acc" in r]
             if pts:
-                curves[d] = pts
+                per_seed.append(pts)
+        if per_seed:
+            n = min(len(p) for p in per_seed)
+            mean = [(per_seed[0][i][0], statistics.mean(p[i][1] for p in per_seed)) for i in range(n)]
+            curves[st.name + (f" (mean of {len(per_seed)} seeds)" if len(per_seed) > 1 else "")] = mean
     if curves:
         plot_test_curves(curves, fig_dir / "test_curves.png")
         lines.append("![test curves](figures/test_curves.png)")
     return lines
 
 
+# ---------------------------------------------------------------------------------------- the report
 def _versions() -> list[str]:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return [f"- rolekd {__version__}, Python {platform.python_version()}, torch {torch.__version__}, "
             f"numpy {numpy.__version__}, {platform.platform()}, device: {dev}"]
 
 
+def _first(results: list[dict | None] | None) -> dict | None:
+    return next((r for r in results or [] if r is not None), None)
+
+
+def _what(info: dict, role: str) -> str:
+    cfg, runs = info["config"], info["runs"]
+    r = next((_first(runs.get(st.name)) for st in _rows(role) if _first(runs.get(st.name))), None)
+    rc = cfg.pipeline.teacher if role == "teacher" else cfg.pipeline.student
+    epochs = (r or {}).get("epochs", rc.train.get("epochs", cfg.train.epochs))
+    n_train = (r or {}).get("train_images", "?")
+    n_test = (r or {}).get("test_images", "?")
+    bits = "32-bit (full precision)" if rc.quant.w_bits == 32 and rc.quant.a_bits == 32 else \
+        f"{rc.quant.w_bits}-bit weights / {rc.quant.a_bits}-bit activations (DoReFa)"
+    kd = f", KD: {rc.method} (λ = {cfg.kd.lam}) from the stage-α teacher" if role == "student" else ""
+    return (f"{rc.model.name}, {bits}{kd}; {epochs} epochs on {n_train} training images of {cfg.data.name}, "
+            f"tested on {n_test} images; {cfg.pipeline.seeds} seed(s) per stage")
+
+
+def _table(info: dict, role: str, cells: list[dict], paper_epochs: int | None) -> list[str]:
+    cfg, runs = info["config"], info["runs"]
+    title = "Teacher" if role == "teacher" else "Student"
+    lines = [f"### {title}", "", _what(info, role) + ".", "",
+             "| stage | test acc (%), mean ± std over seeds | seeds | paper (%) |", "|---|---:|---:|---|"]
+    for st in _rows(role):
+        if st.name not in runs and st.baseline:
+            continue
+        accs = [a for a in _accs(runs.get(st.name, [])) if a is not None]
+        first = _first(runs.get(st.name))
+        setting = cell_setting(cfg, st, (first or {}).get("_config"))
+        lines.append(f"| {st.label} | {_mean_std(accs)} | {len(accs)} | "
+                     f"{paper_number(cells, paper_epochs, setting) or '—'} |")
+    return lines + [""]
+
+
 def build_report(root: str | Path) -> Path:
     """Write ``report.md`` (and ``figures/``) in a pipeline run directory; returns its path."""
     info = collect(root)
-    root, cfg, stages = info["root"], info["config"], info["stages"]
-    pipe = cfg.get("pipeline") or {}
-    t, s = (RoleConfig.model_validate(pipe.get(r) or {}) for r in ("teacher", "student"))
-    dataset = (cfg.get("data") or {}).get("name", "?")
-    paper = _paper_numbers()
-    lines = [f"# rolekd report: {cfg.get('name', root.name)}", ""]
-    lines += ["Test accuracy on the full test set after the last epoch of each stage. Searches ran on the "
-              "reduced split; retraining on the full training set. Paper numbers are shown only where the "
-              "setting matches (official CIFAR files, same model, bits and method; sources: "
-              "docs/PAPER_NUMBERS.md).", ""]
-    tb = 32
-    lines += _table("Teacher", TEACHER_ROWS, stages, f"{t.model.name} {tb}-bit {dataset}", t.model.name,
-                    dataset, tb, None, paper)
-    sb = s.quant.w_bits
-    lines += _table(f"Student ({s.method} from {t.model.name})", STUDENT_ROWS, stages,
-                    f"{s.model.name} {s.quant.w_bits}/{s.quant.a_bits}-bit {dataset}", s.model.name,
-                    dataset, sb, s.method, paper)
-    beta, only, van = (stages.get(k, {}).get("test_acc") for k in ("student", "only_kd", "vanilla_student"))
-    if beta is not None and only is not None:
-        verdict = [f"Stage β vs only-KD: {100 * (beta - only):+.2f} points"]
-        if van is not None:
-            verdict.append(f"vs vanilla low-bit: {100 * (beta - van):+.2f} points")
-        lines += ["**" + "; ".join(verdict) + ".**", ""]
-    searches = [(k, stages[k]) for k in SEARCHES if k in stages]
+    root, cfg, runs = info["root"], info["config"], info["runs"]
+    cells, paper_epochs = _paper_cells()
+    lines = [f"# rolekd report: {cfg.name}", "",
+             f"Role-wise KD pipeline on {cfg.data.name}. Searches ran once on the reduced split "
+             f"({cfg.data.train_size} training / {cfg.data.val_size} validation images, population "
+             f"{cfg.search.population}, {cfg.search.epochs} epochs, perturbation every {cfg.search.perturb_interval}); "
+             f"each retraining stage ran on the full training set with {cfg.pipeline.seeds} seed(s) "
+             f"(train.seed, +1, ...; every stage the same seeds, so stages pair up). Test accuracy after the last "
+             f"epoch. Paper numbers appear only where the setting matches the paper's (dataset, model, bits, "
+             f"KD method, teacher, λ, initialisation, {paper_epochs or 200} epochs; docs/PAPER_NUMBERS.md).", ""]
+    lines += ["## Checks", ""]
+    for d, label in SCHEDULES.items():
+        act = schedule_activity(root / d / "schedule.json")
+        if act is None:
+            continue
+        active, epochs = act
+        if active == 0:
+            lines.append(f"- **The learned schedule {label} is empty**: no op has a probability above 0 in any "
+                         f"of its {epochs} epochs (the search's best member was never perturbed), so the stages "
+                         f"trained with it used base augmentation only.")
+        else:
+            lines.append(f"- The learned schedule {label} applies ops in {active} of its {epochs} epochs.")
+    for a, b, seeds in identical_pairs(info):
+        which = "every seed" if len(seeds) == len(runs[a]) else "seed(s) " + ", ".join(map(str, seeds))
+        lines.append(f"- **{stage(a).label} and {stage(b).label} trained identically** (the same losses and "
+                     f"accuracies in every epoch, {which}): their comparison compares a run with itself.")
+    lines.append("")
+    lines += ["## Results", ""]
+    lines += _table(info, "teacher", cells, paper_epochs)
+    lines += _table(info, "student", cells, paper_epochs)
+    comps = []
+    for label, a, b in COMPARISONS:
+        if a in runs and b in runs:
+            p = paired(_accs(runs[a]), _accs(runs[b]))
+            if p is not None:
+                spread = f" ± {p['std']:.2f}" if p["std"] is not None else ""
+                comps.append(f"| {label} | {p['mean']:+.2f}{spread} | {p['n']} | {p['verdict']} |")
+    if comps:
+        lines += ["### Comparisons (paired by seed)", "",
+                  "| comparison | difference (points), mean ± std | seeds | verdict |", "|---|---:|---:|---|"]
+        lines += comps + [""]
+    searches = [(k, runs[k][0]) for k in SEARCHES if k in runs and runs[k][0]]
     if searches:
-        lines += ["### Searches", "", "| search | best member | best val acc (%) | exploits | wall time (s) |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["### Searches", "", "| search | best member | best val acc (%) | test acc of best (%) | exploits | "
+                  "wall time (s) |", "|---|---:|---:|---:|---:|---:|"]
         for k, v in searches:
             best = v.get("best_val_acc")
-            lines.append(f"| {k} | {v.get('best_member', '—')} | {100 * best:.2f} | {v.get('exploits', '—')} | "
-                         f"{v.get('wall_time_s', '—')} |" if best is not None else f"| {k} | — | — | — | — |")
+            test = v.get("best_test_acc")
+            lines.append(f"| {k} | {v.get('best_member', '—')} | {100 * best:.2f} | "
+                         f"{'—' if test is None else f'{100 * test:.2f}'} | {v.get('exploits', '—')} | "
+                         f"{v.get('wall_time_s', '—')} |" if best is not None else f"| {k} | — | — | — | — | — |")
         lines.append("")
-    lines += ["## Figures", ""] + _figures(root, stages) + [""]
+    lines += ["## Figures", ""] + _figures(info) + [""]
     lines += ["## Config", "", "```yaml", (root / "config.yaml").read_text().rstrip(), "```", "", "## Versions", ""]
     lines += _versions() + [""]
     return atomic_write(root / "report.md", "\n".join(lines))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data.loader import DeviceLoader
@@ -147,9 +149,7 @@ class Trainer:
         correct = torch.zeros((), device=self.device)
         seen = 0
         bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
+        if progress and sys.stderr.isatty():  # a redirected stderr gets the one line per epoch only
             bar = tqdm(total=len(self.train_loader), desc=f"{self.log_name} epoch {self.epoch + 1}/{self.epochs}",
                        leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
