@@ -29,7 +29,7 @@ MICRO = """
 name: micro
 data: {name: cifar10-sample, train_size: 128, val_size: 128, max_train: 384, max_test: 200}
 train: {epochs: 2, batch_size: 64, eval_batch_size: 200, progress: false}
-augment: {cutout: 0}
+augment: {cutout: 8}
 search: {population: 2, epochs: 2, perturb_interval: 1}
 kd: {prepare_epochs: 1}
 pipeline:
@@ -38,7 +38,8 @@ pipeline:
   student: {model: resnet_tiny, w_bits: 4, a_bits: 4, method: iikd,
             train: {optimizer: adam, lr: 0.001, weight_decay: 1.0e-5}}
 """
-TRAINED = ("teacher", "vanilla_teacher", "student", "vanilla_student", "only_kd", "student_teacher_schedule")
+TRAINED = ("teacher", "vanilla_teacher", "student", "vanilla_student", "student_alpha", "only_kd",
+           "student_teacher_schedule")
 
 
 def accs(root, stage):
@@ -120,19 +121,24 @@ def test_every_stage_has_its_role_teacher_schedule_method_bits_split_and_init(mi
     a_t, a_s = root / "alpha_search" / "schedule.json", root / "beta_search" / "schedule.json"
     teacher = root / "teacher"
     kd = student_role.method
-    # stage: (role, KD teacher (None: no teacher, random init), schedule, KD method, data split)
+    # stage: (role, KD teacher (None: no teacher, random init), schedule, KD method, data split, cutout)
+    # the paper (§5.1, Table 2): baselines augment with crop + flip only; the low-bit vanilla and stage-α
+    # students train from scratch; KD students start from the stage α teacher
+    cut = load_config(cfg_file).augment.cutout
+    assert cut > 0
     table = {
-        "alpha_search": ("teacher", None, None, None, "reduced"),
-        "teacher": ("teacher", None, a_t, None, "full"),
-        "vanilla_teacher": ("teacher", None, None, None, "full"),
-        "beta_search": ("student", teacher, None, kd, "reduced"),
-        "student": ("student", teacher, a_s, kd, "full"),
-        "vanilla_student": ("student", teacher, None, None, "full"),
-        "only_kd": ("student", teacher, None, kd, "full"),
-        "student_teacher_schedule": ("student", teacher, a_t, kd, "full"),
+        "alpha_search": ("teacher", None, None, None, "reduced", cut),
+        "teacher": ("teacher", None, a_t, None, "full", cut),
+        "vanilla_teacher": ("teacher", None, None, None, "full", 0),
+        "beta_search": ("student", teacher, None, kd, "reduced", cut),
+        "student": ("student", teacher, a_s, kd, "full", cut),
+        "vanilla_student": ("student", None, None, None, "full", 0),
+        "student_alpha": ("student", None, a_t, None, "full", cut),
+        "only_kd": ("student", teacher, None, kd, "full", 0),
+        "student_teacher_schedule": ("student", teacher, a_t, kd, "full", cut),
     }
     assert set(table) == set(STAGES)
-    for stage, (role_name, kd_teacher, schedule, method, split) in table.items():
+    for stage, (role_name, kd_teacher, schedule, method, split, cutout) in table.items():
         c = _stage_config(root, stage)
         role = teacher_role if role_name == "teacher" else student_role
         assert Path(c["out"]).resolve() == (root / stage).resolve(), stage
@@ -144,7 +150,8 @@ def test_every_stage_has_its_role_teacher_schedule_method_bits_split_and_init(mi
         if schedule is not None:  # the searched schedule is mapped onto the retraining's epochs
             assert c["augment"]["fit_epochs"] is True, stage
         assert c["data"]["split"] == split, stage
-        if role_name == "student":  # every low-bit student starts from the stage α teacher's weights
+        assert c["augment"]["cutout"] == cutout, stage
+        if kd_teacher is not None:  # every KD student starts from the stage α teacher's weights
             assert c["kd"]["init_from_teacher"] is True, stage
         if stage.endswith("_search"):
             assert c["search"]["role"] == role_name, stage
@@ -171,23 +178,23 @@ def _changes_images(policy: list[int]) -> bool:
 
 
 def test_stages_that_differ_only_in_the_schedule_train_alike_until_it_augments(micro):
-    """Pairs of stages with the same model, seed, teacher and KD method, one with a searched schedule:
-    their epochs are identical up to the schedule's first epoch with a non-zero probability (a policy
-    of zeros draws nothing) and differ from the first epoch whose policy changes images."""
+    """Stage β and the KD student with the teacher's schedule share model, seed, teacher, KD method and base
+    augmentation (crop, flip, cutout) and differ only in the schedule: their epochs are identical while the
+    two fitted schedules agree (a policy draws the same whatever stage runs it) and differ from the first
+    epoch where they disagree and one of them changes images."""
     _, root = micro
     keys = ("train_loss", "train_acc", "test_loss", "test_acc")
-    pairs = (("teacher", "vanilla_teacher", "alpha_search"), ("student_teacher_schedule", "only_kd", "alpha_search"),
-             ("student", "only_kd", "beta_search"))
-    for with_schedule, without, search in pairs:
-        a, b = _rows(root, with_schedule), _rows(root, without)
-        epochs = _stage_config(root, with_schedule)["train"]["epochs"]
+    for k in ("", "_seed1"):
+        a, b = _rows(root, f"student{k}"), _rows(root, f"student_teacher_schedule{k}")
+        epochs = _stage_config(root, "student")["train"]["epochs"]
         assert len(a) == len(b) == epochs
-        policies = _fitted(root / search / "schedule.json", epochs)
-        first = next((e for e, p in enumerate(policies) if any(p[0::2])), epochs)
+        a_s = _fitted(root / "beta_search" / "schedule.json", epochs)
+        a_t = _fitted(root / "alpha_search" / "schedule.json", epochs)
+        first = next((e for e in range(epochs) if a_s[e] != a_t[e]), epochs)
         for e in range(first):
-            assert [a[e][k] for k in keys] == [b[e][k] for k in keys], (with_schedule, without, e)
-        if first < epochs and _changes_images(policies[first]):
-            assert [a[first][k] for k in keys] != [b[first][k] for k in keys], (with_schedule, without, first)
+            assert [a[e][key] for key in keys] == [b[e][key] for key in keys], (k, e)
+        if first < epochs and (_changes_images(a_s[first]) or _changes_images(a_t[first])):
+            assert [a[first][key] for key in keys] != [b[first][key] for key in keys], (k, first)
 
 
 def test_student_stages_start_from_the_stage_alpha_teacher(micro, tmp_path):
@@ -209,8 +216,7 @@ def test_student_stages_start_from_the_stage_alpha_teacher(micro, tmp_path):
 
     norm = dist(teacher, {k: torch.zeros_like(v) for k, v in teacher.items()})
     assert dist(teacher, init) > 1e-3 * norm  # the teacher moved away from its initialisation
-    students = {s: root / s / "model.safetensors" for s in ("student", "vanilla_student", "only_kd",
-                                                              "student_teacher_schedule")}
+    students = {s: root / s / "model.safetensors" for s in ("student", "only_kd", "student_teacher_schedule")}
     students["beta_search"] = root / "beta_search" / "best_model.safetensors"
     for stage, path in students.items():
         s = load_file(str(path))

@@ -165,6 +165,9 @@ class PipelineConfig(_Section):
     # every retraining stage runs with seeds train.seed, train.seed + 1, ... (searches run once); the same
     # seeds in every stage, so stages pair up seed by seed in the report
     seeds: int = Field(1, ge=1)
+    # A_T from elsewhere instead of the stage-α search (the paper transfers CIFAR-10's A_T to CIFAR-100):
+    # a rolekd schedule file or a finished search run directory (its schedule.json); alpha_search is skipped
+    teacher_schedule: str | None = None
 
     @field_validator("baselines")
     @classmethod

@@ -2,12 +2,17 @@
 
 Stage α searches the teacher's schedule A_T and retrains the teacher with it; stage β searches the
 student's schedule A_S with KD from the stage-α teacher and retrains the student with KD and A_S. The
-baselines are the comparisons the paper makes (Tables 1-3).
+baselines are the comparisons the paper makes (Tables 1-4).
+
+Augmentation (paper §5.1 and PBA): stages without a learned schedule (the baselines ``vanilla_*`` and
+``only_kd``) use random crop and horizontal flip only; stages with a learned schedule, and the searches,
+use PBA's pipeline: crop, flip, the policy's ops, then ``augment.cutout`` (PBA: 16; 0 turns it off).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 
@@ -19,17 +24,23 @@ class Stage:
     kd: bool  # trained with KD from the stage-α teacher
     schedule: str | None  # the search stage whose schedule.json it trains with; None: base augmentation only
     init: Literal["scratch", "teacher"]  # a student stage may start from the stage-α teacher's weights
+    # (when the two networks share an architecture)
     label: str  # the report's row label
     baseline: bool  # optional: listed in pipeline.baselines
     paper_row: str | None = None  # the row key of the paper's tables (report/paper.yaml)
 
     @property
+    def base_only(self) -> bool:
+        """Random crop and flip only (no learned policy, no cutout): the paper's baselines."""
+        return self.kind == "train" and self.schedule is None
+
+    @property
     def augmentation(self) -> str:
         """In words: which augmentation the stage trains with."""
         if self.kind == "search":
-            return "searched policies (PBA)"
-        return {None: "base augmentation only", "alpha_search": "teacher schedule A_T",
-                "beta_search": "student schedule A_S"}[self.schedule]
+            return "searched policies (PBA: crop, flip, policy, cutout)"
+        return {None: "random crop and flip only", "alpha_search": "crop, flip, teacher schedule A_T, cutout",
+                "beta_search": "crop, flip, student schedule A_S, cutout"}[self.schedule]
 
 
 TEACHER_STAGE = "teacher"  # the stage whose model is the frozen KD teacher of every KD stage
@@ -45,8 +56,10 @@ STAGES: tuple[Stage, ...] = (
           label="stage β search (student schedule A_S)", baseline=False),
     Stage("student", "train", "student", kd=True, schedule="beta_search", init="teacher",
           label="stage β (KD + student schedule A_S)", baseline=False, paper_row="stage_beta"),
-    Stage("vanilla_student", "train", "student", kd=False, schedule=None, init="teacher",
-          label="vanilla low-bit (teacher init, no KD)", baseline=True, paper_row="vanilla"),
+    Stage("vanilla_student", "train", "student", kd=False, schedule=None, init="scratch",
+          label="vanilla student (from scratch, no KD)", baseline=True, paper_row="vanilla"),
+    Stage("student_alpha", "train", "student", kd=False, schedule="alpha_search", init="scratch",
+          label="student with A_T (stage α, from scratch, no KD)", baseline=True, paper_row="stage_alpha"),
     Stage("only_kd", "train", "student", kd=True, schedule=None, init="teacher",
           label="only KD (no learned schedule)", baseline=True, paper_row="only_kd"),
     Stage("student_teacher_schedule", "train", "student", kd=True, schedule="alpha_search", init="teacher",
@@ -55,6 +68,15 @@ STAGES: tuple[Stage, ...] = (
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 BASELINES: tuple[str, ...] = tuple(s.name for s in STAGES if s.baseline)
+
+
+def schedule_path(search: str, root: Path, teacher_schedule: str | None = None) -> Path:
+    """The schedule that stages naming ``search`` train with: ``<root>/<search>/schedule.json``, or for A_T
+    the file or search run directory ``pipeline.teacher_schedule`` names."""
+    if search == "alpha_search" and teacher_schedule:
+        p = Path(teacher_schedule).expanduser()
+        return p / "schedule.json" if p.is_dir() else p
+    return Path(root) / search / "schedule.json"
 
 
 def stage_dir(name: str, k: int = 0) -> str:

@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..experiment import Session, prepare_run_dir, search_from_config, train_from_config
 from ..files import atomic_write
 from ..report import build_report
-from ..stages import STAGES, TEACHER_STAGE, Stage, stage_dir
+from ..stages import STAGES, TEACHER_STAGE, Stage, schedule_path, stage_dir
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -67,12 +67,18 @@ def stage_config(cfg: Config, st: Stage, root: Path, k: int = 0) -> Config:
     if st.schedule is not None:
         # map the searched schedule proportionally onto the retraining's epochs (PBA's multiplier for
         # integer ratios, without its truncation for the others)
-        augment = {"schedule": str(root / st.schedule / "schedule.json"), "schedule_epochs": None,
+        augment = {"schedule": str(schedule_file(cfg, st.schedule, root)), "schedule_epochs": None,
                    "multiplier": 1.0, "fit_epochs": True}
+    elif st.base_only:
+        augment = {"cutout": 0}  # the paper's baselines: random crop and horizontal flip only
     d = stage_dir(st.name, k)
     return derive(cfg, f"pipeline stage {d}", name=f"{cfg.name}/{d}", out=str(root / d),
                   model=role.model, quant=role.quant, train=train, kd=kd, augment=augment, pipeline=None,
                   **changes)
+
+
+def schedule_file(cfg: Config, search: str, root: Path) -> Path:
+    return schedule_path(search, root, cfg.pipeline.teacher_schedule)
 
 
 def stage_runs(cfg: Config, root: Path | None = None) -> list[StageRun]:
@@ -82,6 +88,12 @@ def stage_runs(cfg: Config, root: Path | None = None) -> list[StageRun]:
     if not cfg.pipeline.student.method:
         raise UserError("pipeline.student.method is not set: choose soft, dml, rkd, kdsvd, mhgd or iikd")
     stages = [st for st in STAGES if not st.baseline or st.name in cfg.pipeline.baselines]
+    if cfg.pipeline.teacher_schedule:
+        given = schedule_file(cfg, "alpha_search", root)
+        if not given.is_file():
+            raise UserError(f"pipeline.teacher_schedule: {given} not found: give a schedule file or a finished "
+                            f"search run directory (with schedule.json)")
+        stages = [st for st in stages if st.name != "alpha_search"]
     runs = [StageRun(st, 0, stage_dir(st.name), stage_config(cfg, st, root)) for st in stages]
     for k in range(1, cfg.pipeline.seeds):
         runs += [StageRun(st, k, stage_dir(st.name, k), stage_config(cfg, st, root, k))

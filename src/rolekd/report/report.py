@@ -29,7 +29,7 @@ from ..config import Config, validate_config
 from ..errors import UserError
 from ..files import atomic_write
 from ..plots import plot_rewards, plot_schedules_side_by_side, plot_test_curves
-from ..stages import STAGES, Stage, stage, stage_dir
+from ..stages import STAGES, Stage, schedule_path, stage, stage_dir
 
 PAPER_FILE = Path(__file__).with_name("paper.yaml")
 
@@ -50,7 +50,8 @@ COMPARISONS = [
     ("stage α vs vanilla teacher (A_T vs base augmentation)", "teacher", "vanilla_teacher"),
     ("stage β vs only-KD (A_S vs base augmentation, both with KD)", "student", "only_kd"),
     ("student schedule vs teacher schedule (A_S vs A_T, both with KD)", "student", "student_teacher_schedule"),
-    ("KD vs no KD (only-KD vs vanilla low-bit)", "only_kd", "vanilla_student"),
+    ("KD vs no KD (only-KD, from the teacher, vs the vanilla student, from scratch)", "only_kd", "vanilla_student"),
+    ("student with A_T vs vanilla student (no KD, both from scratch)", "student_alpha", "vanilla_student"),
 ]
 # two-sided 95% quantiles of Student's t by degrees of freedom (1..10); 1.96 beyond
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -234,7 +235,7 @@ def _figures(info: dict) -> list[str]:
     lines = []
     scheds = {}
     for d, label in SCHEDULES.items():
-        f = root / d / "schedule.json"
+        f = schedule_path(d, root, info["config"].pipeline.teacher_schedule)
         act = schedule_activity(f)
         if act is not None:
             scheds[f"{label}: ops in {act[0]} of {act[1]} epochs"] = Schedule.load(f)
@@ -324,7 +325,7 @@ def build_report(root: str | Path) -> Path:
              f"KD method, teacher, λ, initialisation, {paper_epochs or 200} epochs; docs/PAPER_NUMBERS.md).", ""]
     lines += ["## Checks", ""]
     for d, label in SCHEDULES.items():
-        act = schedule_activity(root / d / "schedule.json")
+        act = schedule_activity(schedule_path(d, root, cfg.pipeline.teacher_schedule))
         if act is None:
             continue
         active, epochs = act
