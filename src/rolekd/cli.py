@@ -8,20 +8,32 @@
     rolekd schedule import|show|plot ...     PBA / Ray PBT schedules
     rolekd models                            list the model names
 
-Bad input (config, files, names) prints one ``rolekd: error: ...`` line and exits with status 2.
+Bad input (config, files, names, a run directory in use by another process) prints one
+``rolekd: error: ...`` line and exits with status 2. A run that diverges (non-finite loss or weights),
+an operating-system error (permission, disk full, read-only file system, file size limit) and the
+like print one such line too and exit with status 1; an interrupt exits with 130. ``train``,
+``distill``, ``search`` and ``run`` run torch with ``train.threads`` CPU threads (default: the CPUs the
+process may use, capped by ``OMP_NUM_THREADS``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import sys
 
+import torch
+
 from . import __version__
-from .config import load_config
+from .config import Config, derive, load_config
 from .errors import UserError
-from .experiment import search_from_config, train_from_config
+from .experiment import check_config, check_run_dir, search_from_config, train_from_config
+from .files import RunLock
 from .models import list_models
 from .pipeline import run_pipeline
+from .pipeline.run import QUICKSTART
+from .train import NonFiniteLoss
 from .report import build_report
 from .schedule_cli import register as register_schedule_commands
 
@@ -30,11 +42,23 @@ def _config(args, extra: list[str] | None = None):
     return load_config(args.config, list(extra or []) + list(args.overrides))
 
 
+@contextlib.contextmanager
+def _threads(cfg: Config):
+    """torch's CPU threads = ``train.threads`` (or its default) while a command runs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(cfg.train.num_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def cmd_train(args) -> int:
     cfg = _config(args)
     if cfg.kd.method:
         raise UserError("this config sets kd.method: use `rolekd distill` for KD training")
-    train_from_config(cfg)
+    with _threads(cfg):
+        train_from_config(cfg)
     return 0
 
 
@@ -44,17 +68,26 @@ def cmd_distill(args) -> int:
         raise UserError("rolekd distill needs a KD method: add method=soft|dml|rkd|kdsvd|mhgd|iikd")
     if not cfg.kd.teacher:
         raise UserError("rolekd distill needs teacher=RUN_DIR (a finished teacher run) or teacher=FILE.safetensors")
-    train_from_config(cfg, log_name="distill")
+    with _threads(cfg):
+        train_from_config(cfg, log_name="distill")
     return 0
 
 
 def cmd_search(args) -> int:
-    search_from_config(_config(args))
+    cfg = _config(args)
+    with _threads(cfg):
+        search_from_config(cfg)
     return 0
 
 
 def cmd_run(args) -> int:
-    run_pipeline(args.config, list(args.overrides))
+    cfg = load_config(args.config if args.config is not None else QUICKSTART, list(args.overrides))
+    for role in (cfg.pipeline.teacher, cfg.pipeline.student):  # networks and KD method, before any directory
+        check_config(derive(cfg, "pipeline", model=role.model, quant=role.quant, pipeline=None,
+                            kd={"method": role.method, "teacher": None}), files=False)
+    check_run_dir(cfg, cfg.run_dir())  # read-only: nothing is written into a foreign or another run's directory
+    with _threads(cfg), RunLock(cfg.run_dir()):
+        run_pipeline(args.config, list(args.overrides))
     return 0
 
 
@@ -105,6 +138,23 @@ def _split_config_arg(args) -> None:
         args.config = None
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an operating-system error: what failed, on which file, and a hint."""
+    what = e.strerror or _one_line(e) or type(e).__name__
+    where = f": {e.filename}" if e.filename else ""
+    hints = {"EACCES": "check the permissions of the output directory (out=DIR)",
+             "EROFS": "the file system is read-only: choose another out=DIR",
+             "ENOSPC": "the disk is full: free space, then rerun the same command to resume",
+             "EDQUOT": "the disk quota is exhausted: free space, then rerun the same command to resume",
+             "EFBIG": "a file size limit (ulimit -f) was hit: raise it, then rerun the same command to resume"}
+    hint = hints.get(errno.errorcode.get(e.errno or 0, ""), "rerun the same command to resume once it is fixed")
+    return f"{what}{where} ({hint})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -114,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"rolekd: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"rolekd: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"rolekd: error: {_os_error(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rolekd: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -11,19 +11,43 @@ it applies section changes and validates the result with the same one-line error
 
 from __future__ import annotations
 
+import os
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .data.datasets import dataset_names
 from .errors import UserError
 from .stages import BASELINES
 
 
+def _scalar_kinds(annotation: Any) -> set[type]:
+    """The scalar types among ``bool``, ``int`` and ``float`` that a field annotation admits."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_kinds(a) for a in typing.get_args(annotation)))
+    return {annotation} & {bool, int, float}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_int_mixups(cls, value: Any, info: ValidationInfo) -> Any:
+        """Booleans are not numbers and numbers are not booleans (``epochs=true``, ``progress=1``)."""
+        field = cls.model_fields.get(info.field_name or "")
+        kinds = _scalar_kinds(field.annotation) if field is not None else set()
+        if isinstance(value, bool) and kinds and bool not in kinds:
+            raise PydanticCustomError("bool_not_number", "expected a number, not a boolean")
+        if kinds == {bool} and value is not None and not isinstance(value, bool):
+            raise PydanticCustomError("not_bool", "expected true or false")
+        return value
 
 
 class DataConfig(_Section):
@@ -70,6 +94,31 @@ class TrainConfig(_Section):
     compile: bool = False
     progress: bool = True
     eval_every: int = Field(1, gt=0)
+    # CPU threads of torch in this process (and in each Ray member actor); None = the CPUs this process
+    # may run on (its affinity), capped by OMP_NUM_THREADS when that is set
+    threads: int | None = Field(None, gt=0)
+
+    def num_threads(self) -> int:
+        """``threads``, or its default (see :func:`default_threads`)."""
+        return int(self.threads) if self.threads else default_threads()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on, capped by ``OMP_NUM_THREADS`` when it is set to a positive
+    integer."""
+    n = available_cpus()
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        n = min(n, int(omp))
+    return n
 
 
 class AugmentConfig(_Section):
@@ -178,8 +227,11 @@ class PipelineConfig(_Section):
         return names
 
 
+_NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+
+
 class Config(_Section):
-    name: str = "run"
+    name: str = "run"  # plain names, "/"-separated (a pipeline stage: <run>/<stage>); runs/<name> by default
     out: str | None = None  # run directory; default runs/<name>
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -189,6 +241,16 @@ class Config(_Section):
     kd: KDConfig = Field(default_factory=KDConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        parts = name.split("/")
+        if not all(_NAME_PART.fullmatch(p) for p in parts):
+            raise ValueError("name must be a plain name (letters, digits and _-.+= not starting with . or -; "
+                             "NAME/NAME for a sub-run), the run directory being runs/<name>; use out=DIR for "
+                             "another place")
+        return name
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / self.name

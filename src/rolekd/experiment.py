@@ -9,7 +9,13 @@ sit on top.
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``/``metrics.csv``,
 ``tb/`` (TensorBoard), ``checkpoint/`` (last completed epoch) and, when finished, ``model.safetensors``
 and ``result.json``. Rerunning the same command resumes an interrupted run or reports a finished one;
-a different config for an existing directory is refused so nothing written is lost.
+a different config for an existing directory is refused so nothing written is lost (``out`` and the
+volatile keys below are not compared, so a run directory may be moved). The whole config (data, model,
+KD method, teacher, schedule) is checked before the directory is made, so a failed command leaves
+nothing behind that blocks its corrected version; one process at a time works in a run directory
+(:class:`~rolekd.files.RunLock`, a second one is refused with one line). A run whose loss or weights
+become non-finite stops with :class:`~rolekd.train.NonFiniteLoss`; its ``result.json`` says
+``"status": "diverged"`` and a rerun reports that again.
 
 What outlives one build (decoded datasets, loaded frozen teachers, a KD method's prepared parts such as
 MHGD's attention network) lives in a :class:`Session`: one per command, or one per pipeline run shared
@@ -35,14 +41,16 @@ from .config import Config, dump_config
 from .data import DataBundle, DeviceLoader, Split, load_dataset, reduced_split
 from .distill import KDObjective, build_kd_objective, distiller_class
 from .errors import UserError
-from .files import atomic_write, load_weights, save_weights
+from .files import (LOCK_NAME, RunLock, atomic_write, check_weights, dump_json, load_weights, read_weights,
+                    save_weights)
 from .models import create
 from .quant import quantize_model
-from .search import Search, finished_search, search_config
-from .train import Trainer, resolve_device
+from .search import Search, finished_search, member_config, search_config
+from .search.ray_executor import probe_address
+from .train import NonFiniteLoss, Trainer, resolve_device
 
-# keys that may differ between a run and its resumption
-_VOLATILE = {("train", "progress"), ("train", "device")}
+# keys that may differ between a run and its resumption (and ``out``: a run directory may be moved)
+_VOLATILE = {("train", "progress"), ("train", "device"), ("train", "threads"), ("search", "ray_address")}
 _PREPARE_SEED = 7919  # RNG of a KD method's own preparation (batch shuffling, initialisation, dropout)
 
 
@@ -71,28 +79,54 @@ class Session:
 # ---------------------------------------------------------------------------------------- run dirs
 def _stable(d: dict) -> dict:
     d = json.loads(json.dumps(d))
+    d.pop("out", None)
     for sec, key in _VOLATILE:
         d.get(sec, {}).pop(key, None)
     return d
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path | None = None) -> Path:
-    """Create the run directory and write ``config.yaml``; refuse a directory of another config."""
-    run_dir = Path(run_dir or cfg.run_dir())
+def _first_difference(a, b, where: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k, "<absent>") != b.get(k, "<absent>"):
+                return _first_difference(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{where}.{k}" if where else k)
+    return f"{where}: {a!r} there, {b!r} now"
+
+
+def check_run_dir(cfg: Config, run_dir: Path) -> bool:
+    """Read-only check of ``run_dir`` for ``cfg``: True when it holds this run (its ``config.yaml``
+    matches), False when it does not exist or is empty; a UserError when it holds another config, an
+    unreadable ``config.yaml``, or is not a rolekd run."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory; choose another with out=DIR")
     cfg_file = run_dir / "config.yaml"
     if cfg_file.is_file():
         try:
-            old = yaml.safe_load(cfg_file.read_text()) or {}
-        except yaml.YAMLError:
-            old = {}
+            old = yaml.safe_load(cfg_file.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a mapping")
+        except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"run directory {run_dir}: its config.yaml is unreadable ({type(e).__name__}); restore "
+                            f"it (it holds the run's resolved config), or choose another directory with out=DIR") \
+                from None
         if _stable(old) != _stable(cfg.model_dump(mode="json")):
-            raise UserError(f"run directory {run_dir} holds a run with a different config; rerun with the same "
-                            f"config to resume it, or choose another directory with out=DIR (or name=NAME)")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+            diff = _first_difference(_stable(old), _stable(cfg.model_dump(mode="json")))
+            raise UserError(f"run directory {run_dir} holds a run with a different config ({diff}); rerun with the "
+                            f"same config to resume it, or choose another directory with out=DIR (or name=NAME)")
+        return True
+    if run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         raise UserError(f"run directory {run_dir} exists and is not a rolekd run; choose another with out=DIR")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg_file.is_file():
-        atomic_write(cfg_file, dump_config(cfg))
+    return False
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path | None = None) -> Path:
+    """Create the run directory and write ``config.yaml``; refuse a directory of another config (see
+    :func:`check_run_dir`). The caller holds the directory's :class:`~rolekd.files.RunLock`."""
+    run_dir = Path(run_dir or cfg.run_dir())
+    if not check_run_dir(cfg, run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / "config.yaml", dump_config(cfg))
     return run_dir
 
 
@@ -278,34 +312,104 @@ class MemberFactory:
 
 
 # ---------------------------------------------------------------------------------------- runs
+def check_config(cfg: Config, session: Session | None = None, files: bool = True) -> None:
+    """Check what a run of ``cfg`` needs, before its run directory is made: the data (with a
+    ``session``: loaded, and the split sizes), the model (built on the meta device), the KD method and
+    its options, and with ``files`` the schedule file and the teacher's weights (they exist, fit the
+    teacher's model, are finite). One UserError line for the first problem."""
+    num_classes = 10
+    if session is not None:
+        bundle = build_data(cfg, session)
+        data_splits(cfg, bundle)
+        num_classes = bundle.num_classes
+    with torch.device("meta"):
+        build_model(cfg, num_classes)
+        if cfg.kd.method:
+            distiller_class(cfg.kd.method).from_config(cfg.kd)
+        if files and cfg.kd.teacher and (cfg.kd.method or cfg.kd.init_from_teacher):
+            weights, name = teacher_paths(cfg)
+            teacher = build_model(cfg, num_classes, model_name=name, quantize=False)
+            check_weights(teacher, read_weights(weights), weights, what="teacher checkpoint")
+    if files:
+        build_schedule(cfg, cfg.train.epochs)
+
+
+def _finished(run_dir: Path, verbose: bool = True) -> dict | None:
+    """``result.json`` of a finished run (None when there is none); a run that diverged raises
+    :class:`NonFiniteLoss` again."""
+    result_file = run_dir / "result.json"
+    if not result_file.is_file():
+        return None
+    try:
+        result = json.loads(result_file.read_text())
+        if not isinstance(result, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{result_file} is unreadable: delete it and rerun the command to finish the run again "
+                        f"from its checkpoint") from None
+    if result.get("status") == "diverged":
+        raise NonFiniteLoss(f"run {run_dir} diverged earlier ({result.get('reason')}); lower train.lr or check the "
+                            f"teacher and use another out=DIR, or delete {result_file} to retry from the last "
+                            f"finite checkpoint", epoch=result.get("diverged_epoch"))
+    if verbose:
+        acc = result.get("test_acc")
+        print(f"{run_dir}: already finished (test acc {acc if acc is None else format(acc, '.4f')}); nothing to do")
+    return result
+
+
 def train_from_config(cfg: Config, run_dir: Path | None = None, log_name: str = "train",
                       session: Session | None = None) -> dict:
-    """Train (or resume, or report) the run described by ``cfg``; returns ``result.json``'s content."""
-    run_dir = prepare_run_dir(cfg, run_dir)
-    result_file = run_dir / "result.json"
-    if result_file.is_file():
-        result = json.loads(result_file.read_text())
-        print(f"{run_dir}: already finished (test acc {result.get('test_acc', float('nan')):.4f}); nothing to do")
-        return result
-    t0 = time.time()
+    """Train (or resume, or report) the run described by ``cfg``; returns ``result.json``'s content.
+
+    Everything the run needs is built (and so checked) before its directory is made; the directory
+    is locked for this process while it trains (a second process gets a UserError). A diverging run
+    raises :class:`NonFiniteLoss` after writing ``result.json`` with ``"status": "diverged"``."""
+    run_dir = Path(run_dir or cfg.run_dir())
+    lock = RunLock(run_dir)
     own = session is None
     session = session or Session()
-    trainer = build_trainer(cfg, session, run_dir, log_name=log_name)
+    trainer = None
     try:
-        history = trainer.fit()
+        if check_run_dir(cfg, run_dir):
+            lock.acquire()  # an existing run: refuse a second process before any work
+            done = _finished(run_dir)
+            if done is not None:
+                return done
+        trainer = build_trainer(cfg, session, run_dir, log_name=log_name)
+        lock.acquire()
+        prepare_run_dir(cfg, run_dir)
+        done = _finished(run_dir)
+        if done is not None:
+            return done
+        result_file = run_dir / "result.json"
+        t0 = time.time()
+        try:
+            history = trainer.fit()
+        except NonFiniteLoss as e:
+            finite = e.epoch if e.epoch is not None else trainer.epoch - 1  # epochs completed before it
+            atomic_write(result_file, dump_json({
+                "status": "diverged", "name": cfg.name, "model": cfg.model.name, "kd": cfg.kd.method,
+                "epochs": cfg.train.epochs, "diverged_epoch": finite + 1, "reason": str(e),
+                "last_finite_epoch": finite, "wall_time_s": round(time.time() - t0, 2)}, indent=2))
+            raise NonFiniteLoss(f"run {run_dir} diverged: {e}; its checkpoint holds the last finite epoch "
+                                f"({finite}); lower train.lr (now {cfg.train.lr:g}) or check the teacher, "
+                                f"and use another out=DIR", row=e.row, epoch=e.epoch) from None
     finally:
-        trainer.objective.close()
+        if trainer is not None:
+            trainer.objective.close()
         if own:
             session.close()
+        lock.release()
     save_weights(trainer.model, run_dir / "model.safetensors", metadata={"model": cfg.model.name})
     last = history[-1]
-    result = {"name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.name, "epochs": cfg.train.epochs,
+    result = {"status": "finished", "name": cfg.name, "model": cfg.model.name, "dataset": cfg.data.name,
+              "epochs": cfg.train.epochs,
               "w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits, "kd": cfg.kd.method,
               "schedule": cfg.augment.schedule, "train_images": trainer.train_loader.num_samples,
               "test_images": trainer.eval_loaders["test"].num_samples,
               "test_acc": last.get("test_acc"), "best_test_acc": max(r.get("test_acc", 0.0) for r in history),
               "wall_time_s": round(time.time() - t0, 2), "device": str(trainer.device)}
-    atomic_write(result_file, json.dumps(result, indent=2))
+    atomic_write(result_file, dump_json(result, indent=2))
     print(f"{run_dir}: test acc {result['test_acc']:.4f} after {cfg.train.epochs} epochs")
     return result
 
@@ -319,14 +423,26 @@ def search_from_config(cfg: Config, run_dir: Path | None = None, executor=None, 
     ``round``, ``epoch``).
     """
     cfg = search_config(cfg)
-    run_dir = prepare_run_dir(cfg, run_dir)
-    summary = finished_search(run_dir, verbose)
-    if summary is not None:
-        return summary
+    run_dir = Path(run_dir or cfg.run_dir())
+    lock = RunLock(run_dir)
     own = session is None
     session = session or Session()
     try:
+        if check_run_dir(cfg, run_dir):
+            lock.acquire()  # an existing search: refuse a second process before any work
+            summary = finished_search(run_dir, verbose)
+            if summary is not None:
+                return summary
+        check_config(member_config(cfg, 0), session)  # what every member is built from
+        if executor is None and cfg.search.executor == "ray" and cfg.search.ray_address:
+            probe_address(cfg.search.ray_address)  # an unreachable cluster: one line, before the run dir
+        lock.acquire()
+        prepare_run_dir(cfg, run_dir)
+        summary = finished_search(run_dir, verbose)
+        if summary is not None:
+            return summary
         return Search(cfg, run_dir, MemberFactory(session), executor, on_round, verbose).run()
     finally:
         if own:
             session.close()
+        lock.release()

@@ -61,8 +61,41 @@ def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def check_arrays(name: str, train_x: np.ndarray, train_y, test_x: np.ndarray, test_y, num_classes: int) -> None:
+    """One-line UserErrors for data that would train on the wrong thing or crash later: images must be
+    uint8 (N, H, W, C) with C = 1 or 3 and the same H, W, C in both splits; each split needs exactly
+    one integer label per image, every label in 0..num_classes-1; neither split may be empty."""
+    if num_classes < 1:
+        raise UserError(f"dataset {name}: it names no classes")
+    shapes = []
+    for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        x = np.asarray(x) if not isinstance(x, np.ndarray) else x
+        y = np.asarray(y)
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise UserError(f"dataset {name}: {split} images must be uint8 (N, H, W, 3) arrays, got {x.dtype} "
+                            f"{tuple(x.shape)}")
+        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
+            raise UserError(f"dataset {name}: {split} labels must be a 1-D array of integers, got {y.dtype} "
+                            f"{tuple(y.shape)}")
+        if len(y) != len(x):
+            raise UserError(f"dataset {name}: {split} has {len(x)} images but {len(y)} labels; they must be "
+                            f"equal (one label per image)")
+        if len(x) == 0:
+            raise UserError(f"dataset {name}: its {split} split is empty")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            raise UserError(f"dataset {name}: {split} labels range over {lo}..{hi} but the dataset has "
+                            f"{num_classes} classes (labels 0..{num_classes - 1})")
+        shapes.append(tuple(x.shape[1:]))
+    if shapes[0] != shapes[1]:
+        raise UserError(f"dataset {name}: train images are {shapes[0]} (H, W, C) but test images {shapes[1]}; "
+                        f"they must match")
+
+
 def _bundle(name, train_x: np.ndarray, train_y, test_x: np.ndarray, test_y, classes) -> DataBundle:
-    """NHWC uint8 arrays -> DataBundle (NCHW tensors, dataset statistics from the training set)."""
+    """NHWC uint8 arrays -> DataBundle (NCHW tensors, dataset statistics from the training set); the
+    arrays are checked first (:func:`check_arrays`)."""
+    check_arrays(name, train_x, train_y, test_x, test_y, len(classes))
     tx = torch.from_numpy(np.ascontiguousarray(train_x.transpose(0, 3, 1, 2)))
     vx = torch.from_numpy(np.ascontiguousarray(test_x.transpose(0, 3, 1, 2)))
     mean, std = _stats(tx)
@@ -193,9 +226,11 @@ def bundle_from_tensors(name: str, train_images, train_labels, test_images, test
             raise UserError(f"dataset {name}: images must be uint8 arrays of 4 dimensions, got {x.dtype} {x.shape}")
         return x.transpose(0, 2, 3, 1) if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3) else x
 
-    ty = np.asarray(train_labels, dtype=np.int64)
-    classes = list(classes) if classes is not None else [str(i) for i in range(int(ty.max()) + 1)]
-    return _bundle(name, nhwc(train_images), ty, nhwc(test_images), np.asarray(test_labels, np.int64), classes)
+    ty = np.asarray(train_labels)
+    if ty.size and not np.issubdtype(ty.dtype, np.integer):
+        raise UserError(f"dataset {name}: labels must be integers, got {ty.dtype}")
+    classes = list(classes) if classes is not None else [str(i) for i in range(int(ty.max()) + 1 if ty.size else 0)]
+    return _bundle(name, nhwc(train_images), ty, nhwc(test_images), np.asarray(test_labels), classes)
 
 
 def bundle_from_dataset(name: str, train, test, classes: Sequence[str] | None = None) -> DataBundle:

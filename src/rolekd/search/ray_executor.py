@@ -8,17 +8,24 @@ of the top member's ``get_state`` to the bottom member's ``set_state``, and the 
 every member is kept as a driver-owned ObjectRef, so a member whose actor died is rebuilt and
 restored from it. Ray Core only; ``search.ray_address`` None starts a local Ray instance (shut down
 again at the end) unless Ray is already initialised in this process.
+
+A local instance gets the CPUs this process may run on (its affinity), not the machine's count. Each
+actor runs torch with ``train.threads`` threads (default: ``search.ray_num_cpus`` rounded down, at
+least 1, capped by this process's ``OMP_NUM_THREADS`` when set). Connecting to ``search.ray_address``
+is bounded by :data:`CONNECT_TIMEOUT_S`: an address that refuses or does not answer is one UserError.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import socket
+import threading
 from typing import Any, Mapping, Sequence
 
 import rolekd
 
-from ..config import Config
+from ..config import Config, available_cpus
 from ..errors import UserError
 from .members import Member, MemberFactory, Outcome, run_member
 
@@ -33,6 +40,55 @@ def import_ray():
 
 
 _ACTOR_CLASS = None
+CONNECT_TIMEOUT_S = 20.0  # the longest a connection to search.ray_address may take
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``host:port``, ``ray://host:port`` or ``[v6]:port``; None for other forms (``auto``)."""
+    addr = address.strip()
+    if "://" in addr:
+        addr = addr.split("://", 1)[1]
+    addr = addr.rstrip("/")
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def probe_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """UserError unless a TCP connection to ``address`` (host:port) opens within ``timeout`` seconds."""
+    hp = _host_port(address)
+    if hp is None:
+        return
+    try:
+        with socket.create_connection(hp, timeout=timeout):
+            pass
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise UserError(f"cannot reach the Ray cluster at search.ray_address={address} ({why}); start it "
+                        f"(ray start --head) or fix the address, or leave it unset for a local Ray") from None
+
+
+def _within(seconds: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run in a daemon thread; TimeoutError when it has not returned within
+    ``seconds`` (it is then left behind: Ray's connection loop retries for many minutes in native code
+    that no signal interrupts)."""
+    out: dict[str, Any] = {}
+
+    def target():
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller
+            out["error"] = e
+
+    t = threading.Thread(target=target, name="rolekd-ray-connect", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise TimeoutError
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
 
 
 def _actor_class(ray):
@@ -82,17 +138,25 @@ class RayExecutor:
         self.address = address
         self.num_cpus = float(num_cpus)
         self.num_gpus = float(num_gpus)
-        self.threads = threads if threads is not None else max(1, int(math.floor(self.num_cpus)))
+        self.threads = threads if threads is not None else self.default_threads(self.num_cpus)
         self.init_kwargs = dict(init_kwargs or {})
         self.started_ray = False
         self.actors: dict[int, Any] = {}
         self.configs: dict[int, dict] = {}
         self.good: dict[int, Any] = {}  # index -> ObjectRef of the last good state
 
+    @staticmethod
+    def default_threads(num_cpus: float) -> int:
+        """An actor's torch threads: its CPUs rounded down (at least 1), capped by this process's
+        ``OMP_NUM_THREADS`` when set."""
+        n = max(1, int(math.floor(num_cpus)))
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        return min(n, int(omp)) if omp.isdigit() and int(omp) > 0 else n
+
     @classmethod
     def from_config(cls, cfg: Config, factory: MemberFactory) -> "RayExecutor":
         s = cfg.search
-        return cls(factory, s.ray_address, s.ray_num_cpus, s.ray_num_gpus)
+        return cls(factory, s.ray_address, s.ray_num_cpus, s.ray_num_gpus, threads=cfg.train.threads)
 
     # ------------------------------------------------------------------------------ lifecycle
     def _init_ray(self) -> None:
@@ -106,11 +170,20 @@ class RayExecutor:
         path = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
         os.environ["PYTHONPATH"] = path  # inherited by a local instance's workers
         if self.address:
-            ray.init(address=self.address, runtime_env={"env_vars": {"PYTHONPATH": path}}, **kw)
+            probe_address(self.address)
+            try:
+                _within(CONNECT_TIMEOUT_S, ray.init, address=self.address,
+                        runtime_env={"env_vars": {"PYTHONPATH": path}}, **kw)
+            except (TimeoutError, ConnectionError, RuntimeError, ValueError) as e:
+                why = ("no answer" if isinstance(e, TimeoutError)
+                       else f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+                raise UserError(f"cannot connect to the Ray cluster at search.ray_address={self.address} within "
+                                f"{CONNECT_TIMEOUT_S:g} s ({why}); check the address and that the cluster runs "
+                                f"this Ray version") from None
         else:
             import torch
 
-            kw.setdefault("num_cpus", os.cpu_count() or 1)
+            kw.setdefault("num_cpus", available_cpus())  # the CPUs this process may use, not the machine's
             kw.setdefault("num_gpus", torch.cuda.device_count())
             ray.init(**kw)
         self.started_ray = True

@@ -23,7 +23,10 @@ The run directory (``cfg.run_dir()``) holds, when the search has finished:
 While it runs, ``search_state/`` holds the state at the last perturbation (controller JSON incl. its
 random generator, and every member's full trainer state as weights-only-loadable ``torch.save``
 files); rerunning the same command resumes from there and ends with the same result as an
-uninterrupted run. It is deleted when the search has finished.
+uninterrupted run. It is deleted when the search has finished. A state is published by one atomic
+write of ``search_state/LATEST`` after its directory is complete and flushed to disk, so a kill at any
+instant leaves the previous state or the new one; a state that lacks a part is an error, never a
+fresh start.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Callable, Mapping
 from ..augment.schedule import Schedule
 from ..config import Config, derive
 from ..errors import UserError
-from ..files import atomic_write, load_state, save_state, save_tensors
+from ..files import fsync_dir, atomic_write, load_state, save_state, save_tensors
 from ..plots import plot_rewards, plot_schedule
 from .members import LocalExecutor, MemberFactory, Outcome, member_config
 from .pbt import PBTController, policy_string
@@ -75,7 +78,13 @@ def finished_search(run_dir: Path, verbose: bool = True) -> dict | None:
     done = Path(run_dir) / "search.json"
     if not done.is_file():
         return None
-    summary = json.loads(done.read_text())
+    try:
+        summary = json.loads(done.read_text())
+        if not isinstance(summary, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{done} is unreadable: delete it (the search will be finished again from its last saved "
+                        f"state, or from the start)") from None
     if verbose:
         print(f"{run_dir}: search already finished (best member {summary.get('best_member')}, val acc "
               f"{summary.get('best_val_acc', float('nan')):.4f}); nothing to do", flush=True)
@@ -143,6 +152,7 @@ class Search:
                 "controller": self.ctrl.state_dict(), "rewards": self.reward_rows, "events": self.events,
                 "times": self.times}
         atomic_write(d / "controller.json", json.dumps(meta))
+        fsync_dir(root)  # the new state's directory entry is on disk before LATEST names it
         atomic_write(root / "LATEST", name)
         for old in root.iterdir():
             if old.is_dir() and old.name != name:
@@ -162,6 +172,10 @@ class Search:
             raise UserError(f"search state {d} is unreadable; delete {root} to start the search again") from None
         if meta.get("version") != STATE_VERSION:
             raise UserError(f"search state {d} was written by another rolekd version; delete {root} to restart")
+        missing = [f"member_{i}.pt" for i in range(self.cfg.search.population) if not (d / f"member_{i}.pt").is_file()]
+        if missing:
+            raise UserError(f"search state {d} is missing {', '.join(missing)}; restore it or delete {root} to start "
+                            f"the search again")
         states = {i: load_state(d / f"member_{i}.pt") for i in range(self.cfg.search.population)}
         return {"meta": meta, "states": states}
 

@@ -13,6 +13,17 @@ trained so far is a multiple of ``train.eval_every``, and after the last epoch o
 A trainer made with ``own_rng=True`` (search members) keeps its own torch random streams: they are
 swapped in around its training and evaluation, so trainers that share a process draw what each
 would draw alone, and its :meth:`state_dict` carries those streams, not the process's.
+
+**Checkpoints** (:meth:`Trainer.save_checkpoint`, every epoch of :meth:`fit`) are one unit,
+``<run dir>/checkpoint/`` = ``model.safetensors`` + ``state.pt`` (optimizer, objective, loader and RNG
+state, epoch) + ``manifest.json`` (the parts, the epoch and the metrics rows up to it), published by
+:func:`rolekd.files.write_checkpoint`: a kill at any instant leaves the previous or the new one, and
+:meth:`resume` continues exactly. A checkpoint missing a part is an error, never a silent restart.
+
+**Divergence**: :meth:`fit` (and :meth:`run_epochs` with ``check_finite``) stops with
+:class:`NonFiniteLoss` after an epoch whose training loss or weights are not finite, or when a linear
+algebra routine of the objective fails on non-finite input; :meth:`fit` logs that epoch's row (as
+valid JSON, non-finite numbers as null) and keeps the checkpoint of the last finite epoch.
 """
 
 from __future__ import annotations
@@ -32,15 +43,22 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.loader import DeviceLoader
 from ..errors import UserError
-from ..files import load_state, load_weights, save_state, save_weights
-from .metrics import MetricsLog
+from ..files import (json_safe, load_state, load_weights, model_state, read_checkpoint, state_bytes, tensors_bytes,
+                     write_checkpoint)
+from .metrics import MetricsLog, read_rows
 from .objective import CrossEntropy, Objective, StepContext
 
 PolicyFn = Callable[[int], "Sequence[int] | None"]
 
 
 class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """Training diverged: the loss or the weights became NaN or infinite. ``row`` is the metrics row of
+    the epoch that diverged (None when the epoch did not finish), ``epoch`` its index."""
+
+    def __init__(self, message: str, row: dict | None = None, epoch: int | None = None):
+        super().__init__(message)
+        self.row = row
+        self.epoch = epoch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -226,26 +244,41 @@ class Trainer:
         assert self.run_dir is not None
         return self.run_dir / "checkpoint"
 
-    def save_checkpoint(self) -> None:
-        """Weights to safetensors, the rest to a weights-only-loadable ``state.pt``."""
+    def save_checkpoint(self, rows: list[dict] | None = None) -> None:
+        """The checkpoint of the epochs completed so far, as one unit (see the module docstring):
+        weights to safetensors, the rest to a weights-only-loadable ``state.pt``, ``rows`` (the metrics
+        rows up to now) into the manifest."""
         state = self.state_dict()
         state.pop("model")
-        ck = self.checkpoint_dir()
-        save_weights(self.model, ck / "model.safetensors")
-        save_state(state, ck / "state.pt")
+        write_checkpoint(self.checkpoint_dir(), {
+            "model.safetensors": tensors_bytes(model_state(self.model)),
+            "state.pt": state_bytes(state),
+        }, {"epoch": self.epoch, "epochs": self.epochs, "metrics": list(rows or [])})
 
     def resume(self) -> bool:
-        """Load the last completed epoch from the run directory, if there is one."""
+        """Load the last completed epoch from the run directory, if there is one (UserError when its
+        checkpoint is incomplete). The metrics rows the checkpoint holds go to ``self.history``."""
         if self.run_dir is None:
             return False
         ck = self.checkpoint_dir()
-        if not (ck / "state.pt").is_file() or not (ck / "model.safetensors").is_file():
+        manifest = read_checkpoint(ck)
+        if manifest is None:
             return False
         state = load_state(ck / "state.pt")
+        if int(state.get("epoch", -1)) != int(manifest.get("epoch", -2)):
+            raise UserError(f"checkpoint {ck}: state.pt is of epoch {state.get('epoch')}, its manifest of epoch "
+                            f"{manifest.get('epoch')}; delete {ck} to start the run again")
         load_weights(self.model, ck / "model.safetensors", what="run checkpoint")
         state["model"] = self.model.state_dict()
         self.load_state_dict(state)
+        self.history = [dict(r) for r in manifest.get("metrics", [])]
         return True
+
+    def weights_finite(self) -> bool:
+        """Whether every floating-point parameter and buffer of the model (and of the objective's
+        trained parts) is finite."""
+        tensors = list(self.model.state_dict().values()) + [p for p in self.objective.extra_parameters()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
     # ------------------------------------------------------------------------------ the loop
     def run_epochs(self, k: int, splits: Sequence[str] | None = None, check_finite: bool = False,
@@ -255,8 +288,9 @@ class Trainer:
 
         Evaluation (see the module docstring for when) adds ``<split>_acc`` / ``<split>_loss`` for each
         split of ``splits`` (default: every evaluation loader). ``check_finite``: raise
-        :class:`NonFiniteLoss` after an epoch whose training loss is not finite. ``on_epoch_end(trainer,
-        row)`` runs after each epoch (logging, checkpoints)."""
+        :class:`NonFiniteLoss` after an epoch whose training loss or weights are not finite (or when the
+        objective's linear algebra fails on non-finite input). ``on_epoch_end(trainer, row)`` runs after
+        each epoch (logging, checkpoints)."""
         names = list(self.eval_loaders) if splits is None else list(splits)
         every = max(1, int(self.cfg.eval_every))
         end = min(self.epochs, self.epoch + int(k))
@@ -264,10 +298,25 @@ class Trainer:
         with self.rng_scope():
             while self.epoch < end:
                 t0 = time.perf_counter()
-                row = self.train_epoch(progress)
+                epoch = self.epoch
+                try:
+                    row = self.train_epoch(progress)
+                except torch.linalg.LinAlgError as e:
+                    if not check_finite:
+                        raise
+                    what = "non-finite weights" if not self.weights_finite() else "a numerical failure"
+                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    msg = msg if len(msg) <= 160 else msg[:157] + "..."
+                    raise NonFiniteLoss(f"{self.log_name}: training diverged in epoch {epoch + 1}/{self.epochs} "
+                                        f"({what}: {msg})", epoch=epoch) from None
                 row["train_s"] = time.perf_counter() - t0
-                if check_finite and (row.get("nonfinite") or not math.isfinite(row.get("train_loss", 0.0))):
-                    raise NonFiniteLoss(f"{self.log_name}: non-finite training loss in epoch {row['epoch']}")
+                if check_finite:
+                    loss_ok = not row.get("nonfinite") and math.isfinite(row.get("train_loss", 0.0))
+                    if not loss_ok or not self.weights_finite():
+                        row["nonfinite"] = True
+                        what = "non-finite training loss" if not loss_ok else "non-finite weights"
+                        raise NonFiniteLoss(f"{self.log_name}: training diverged in epoch {epoch + 1}/{self.epochs} "
+                                            f"({what})", row=row, epoch=epoch)
                 if self.epoch % every == 0 or self.epoch == end:
                     t1 = time.perf_counter()
                     for name in names:
@@ -284,28 +333,50 @@ class Trainer:
         ``on_epoch_end(trainer, row)``).
 
         With a run directory, an earlier interrupted run of it is resumed from its last completed
-        epoch, and the result equals an uninterrupted run with the same seed (on CPU).
+        epoch (its metrics rows are those its checkpoint holds), and the result equals an uninterrupted
+        run with the same seed (on CPU). A non-finite loss or weights stop the run with
+        :class:`NonFiniteLoss` after that epoch's row is logged; the checkpoint stays at the last
+        finite epoch.
         """
+        self.history = []
+        resumed = self.resume()  # before anything is written: an incomplete checkpoint changes nothing
         log = MetricsLog(self.run_dir) if self.run_dir else None
-        if self.resume() and log is not None:
-            log.truncate_after(self.epoch - 1)
-        self.history = log.rows() if log is not None else []
+        if resumed:
+            if log is not None:
+                read_rows(log.jsonl, strict=False)  # notes a torn line; the checkpoint's rows replace them
+                log.reset(self.history)
+        elif log is not None:
+            done = [r for r in log.rows() if isinstance(r.get("epoch"), int) and r["epoch"] >= 1]
+            if done:
+                raise UserError(f"run directory {self.run_dir} has metrics of {len(log.rows())} epochs but no "
+                                f"checkpoint/ to resume them from; restore it, or delete metrics.jsonl to "
+                                f"start the run again")
+            log.reset([])  # rows of an epoch whose first checkpoint was never written
 
         def after_epoch(trainer: "Trainer", row: dict) -> None:
-            row = {k: v for k, v in row.items() if k not in ("train_s", "eval_s")}
+            row = json_safe({k: v for k, v in row.items() if k not in ("train_s", "eval_s")})
             self.history.append(row)
             if log is not None:
                 log.log(row)
-                self.save_checkpoint()
+                self.save_checkpoint(self.history)
             if self.cfg.progress:
-                shown = {k: round(v, 4) for k, v in row.items() if k.endswith("acc") or k.endswith("loss")}
+                shown = {k: round(v, 4) for k, v in row.items()
+                         if (k.endswith("acc") or k.endswith("loss")) and isinstance(v, float)}
                 print(f"[{self.log_name}] epoch {self.epoch}/{self.epochs} {shown} "
                       f"({row['train_img_per_s']:.0f} img/s)", flush=True)
             if on_epoch_end is not None:
                 on_epoch_end(trainer, row)
 
         try:
-            self.run_epochs(self.epochs - self.epoch, on_epoch_end=after_epoch)
+            try:
+                self.run_epochs(self.epochs - self.epoch, check_finite=True, on_epoch_end=after_epoch)
+            except NonFiniteLoss as e:
+                if e.row is not None:
+                    row = json_safe({k: v for k, v in e.row.items() if k not in ("train_s", "eval_s")})
+                    self.history.append(row)
+                    if log is not None:
+                        log.log(row)
+                raise
         finally:
             if log is not None:
                 log.close()
