@@ -246,7 +246,7 @@ def test_kill_at_any_point_and_rerun_completes_with_the_same_results(micro, tmp_
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(torch.get_num_threads())
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "rolekd.cli", "run", str(cfg), f"out={root}"]
+    cmd = [sys.executable, "-m", "rolekd.cli", "run", str(cfg), f"out={root}", f"train.threads={torch.get_num_threads()}"]
     # kill it in the middle of a search, then in the middle of a KD training
     for marker in (root / "alpha_search" / "search_state", root / "student" / "checkpoint" / "state.pt"):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
