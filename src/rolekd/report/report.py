@@ -130,9 +130,9 @@ def paired(a: list[float | None], b: list[float | None]) -> dict | None:
     if mean == 0 and sd == 0:
         verdict = "identical in every seed"
     elif abs(t) > crit:
-        verdict = f"larger than the seed-to-seed noise (paired t = {t:.2f}, 95% needs |t| > {crit:.2f})"
+        verdict = f"larger than the seed-to-seed noise (paired t = {t:.2f}, 95% needs abs(t) > {crit:.2f})"
     else:
-        verdict = f"within the seed-to-seed noise (paired t = {t:.2f}, 95% needs |t| > {crit:.2f})"
+        verdict = f"within the seed-to-seed noise (paired t = {t:.2f}, 95% needs abs(t) > {crit:.2f})"
     return {"mean": mean, "std": sd, "n": n, "t": t, "verdict": verdict}
 
 
