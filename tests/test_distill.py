@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import json
 import math
 
 import numpy as np
@@ -22,7 +23,13 @@ from rolekd.distill import (
     soft_label_loss,
     top_right_singular,
 )
+from rolekd.cli import main
+from rolekd.config import load_config
+from rolekd.data import bundle_from_tensors, register_dataset
 from rolekd.errors import UserError
+from rolekd.experiment import Session, build_trainer
+from rolekd.files import load_state
+from rolekd.models import create
 from rolekd.models.taps import FeatureTaps, Outputs
 from rolekd.train.objective import StepContext
 
@@ -72,17 +79,6 @@ def batch():
     return torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 5, (12,), generator=g)
 
 
-def np_softmax(z, axis=-1):
-    z = z - z.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def np_huber(a, b):
-    d = np.abs(a - b)
-    return np.where(d <= 1, 0.5 * d ** 2, d - 0.5).mean()
-
-
 # ----------------------------------------------------------------------------- registry
 def test_registry_names_aliases_and_errors():
     assert set(list_distillers()) >= {"soft", "dml", "rkd", "kdsvd", "mhgd", "iikd"}
@@ -96,23 +92,13 @@ def test_registry_names_aliases_and_errors():
     assert flags["dml"].trains_teacher and not flags["soft"].trains_teacher
     assert flags["rkd"].needs_embedding and not flags["rkd"].needs_features
     assert flags["kdsvd"].needs_features and flags["mhgd"].needs_prepare
-    assert flags["iikd"].needs_features and flags["iikd"].needs_embedding
+    assert flags["iikd"].needs_features and not flags["iikd"].needs_embedding  # its RKD term reads the logits
+    assert create_distiller("rkd", on="logits").needs_embedding is False
+    with pytest.raises(UserError, match="on="):
+        create_distiller("rkd", on="features")
 
 
 # ----------------------------------------------------------------------------- soft
-def test_soft_label_loss_matches_reference():
-    rng = np.random.default_rng(0)
-    s, t = rng.normal(size=(6, 5)) * 3, rng.normal(size=(6, 5)) * 3
-    for T in (1.0, 4.0):
-        pt, ps = np_softmax(t / T), np_softmax(s / T)
-        expected = T * T * np.mean([np.sum(pt[i] * (np.log(pt[i]) - np.log(ps[i]))) for i in range(6)])
-        got = soft_label_loss(torch.from_numpy(s), torch.from_numpy(t), T)
-        assert float(got) == pytest.approx(expected, rel=1e-10)
-    d = create_distiller("soft")  # T = 4 default
-    assert float(d(Outputs(torch.from_numpy(s)), Outputs(torch.from_numpy(t)), None)) == pytest.approx(
-        16 * np.mean(np.sum(np_softmax(t / 4) * (np.log(np_softmax(t / 4)) - np.log(np_softmax(s / 4))), 1)))
-
-
 def test_soft_gradient_reaches_only_student_and_zero_when_equal():
     s = torch.randn(4, 5, requires_grad=True)
     t = torch.randn(4, 5, requires_grad=True)
@@ -122,36 +108,6 @@ def test_soft_gradient_reaches_only_student_and_zero_when_equal():
 
 
 # ----------------------------------------------------------------------------- rkd
-def np_rkd(s, t, wd=25.0, wa=50.0):
-    def dist(x):
-        b = len(x)
-        d = np.array([[np.linalg.norm(x[i] - x[j]) for j in range(b)] for i in range(b)])
-        mean = sum(d[i, j] for i in range(b) for j in range(b) if i != j) / (b * (b - 1))
-        return d / mean
-
-    def angle(x):
-        b = len(x)
-        out = np.zeros((b, b, b))
-        for j in range(b):
-            for i in range(b):
-                for k in range(b):
-                    u, v = x[i] - x[j], x[k] - x[j]
-                    nu, nv = np.linalg.norm(u), np.linalg.norm(v)
-                    out[j, i, k] = 0.0 if nu == 0 or nv == 0 else u @ v / (nu * nv)
-        return out
-
-    return wd * np_huber(dist(s), dist(t)) + wa * np_huber(angle(s), angle(t))
-
-
-def test_rkd_matches_reference():
-    rng = np.random.default_rng(1)
-    s, t = rng.normal(size=(5, 7)), rng.normal(size=(5, 7)) * 2
-    got = rkd_loss(torch.from_numpy(s), torch.from_numpy(t))
-    assert float(got) == pytest.approx(np_rkd(s, t), rel=1e-9)
-    got = rkd_loss(torch.from_numpy(s), torch.from_numpy(t), w_dist=1.0, w_angle=0.0)
-    assert float(got) == pytest.approx(np_rkd(s, t, 1.0, 0.0), rel=1e-9)
-
-
 def test_rkd_gradient_only_student_zero_when_equal_and_finite_on_duplicates():
     s = torch.randn(6, 8, requires_grad=True)
     t = torch.randn(6, 8, requires_grad=True)
@@ -190,57 +146,8 @@ def test_top_right_singular_gradient_matches_torch_svd(shape, solver):
 
 
 # ----------------------------------------------------------------------------- kd-svd
-def np_aligned_vectors(fs, ft, candidates=4):
-    """Per tap and sample: teacher top-1 right singular vector (entries summing >= 0) and the
-    student's top-`candidates` vector of largest |cos| with it, sign-aligned."""
-    out = []
-    for a, b in zip(fs, ft):
-        n, c = a.shape[:2]
-        xs = a.reshape(n, c, -1).transpose(0, 2, 1)
-        xt = b.reshape(n, c, -1).transpose(0, 2, 1)
-        vs, vt = [], []
-        for i in range(n):
-            v_t = np.linalg.svd(xt[i])[2][0]
-            v_t = v_t if v_t.sum() >= 0 else -v_t
-            cand = np.linalg.svd(xs[i])[2][:candidates]
-            cos = cand @ v_t
-            j = np.argmax(np.abs(cos))
-            vs.append(cand[j] * (1 if cos[j] >= 0 else -1))
-            vt.append(v_t)
-        out.append((np.array(vs), np.array(vt)))
-    return out
-
-
-def np_kdsvd(fs, ft, sigma=8.0):
-    vec = np_aligned_vectors(fs, ft)
-    total = 0.0
-    for (vs0, vt0), (vs1, vt1) in zip(vec[:-1], vec[1:]):
-        per = []
-        for i in range(len(vs0)):
-            gs = np.exp(-(vs1[i][:, None] - vs0[i][None, :]) ** 2 / sigma)
-            gt = np.exp(-(vt1[i][:, None] - vt0[i][None, :]) ** 2 / sigma)
-            per.append(((gs - gt) ** 2).sum())
-        total += np.mean(per)
-    return total
-
-
 def random_feats(rng, n=4, dims=((4, 6, 6), (8, 3, 3), (12, 2, 2))):
     return [np.abs(rng.normal(size=(n,) + d)) + rng.uniform(0, 0.3, size=(n,) + d) for d in dims]
-
-
-def test_kdsvd_matches_reference():
-    rng = np.random.default_rng(3)
-    fs, ft = random_feats(rng), random_feats(rng)
-    names = ["a", "b", "c"]
-    got = kdsvd_loss({k: torch.from_numpy(v) for k, v in zip(names, fs)},
-                     {k: torch.from_numpy(v) for k, v in zip(names, ft)})
-    expected = np_kdsvd(fs, ft)
-    assert expected > 1e-4
-    assert float(got) == pytest.approx(expected, rel=1e-7)
-    # the float32 path (as used in training) agrees to float32 accuracy
-    got32 = kdsvd_loss({k: torch.from_numpy(v).float() for k, v in zip(names, fs)},
-                       {k: torch.from_numpy(v).float() for k, v in zip(names, ft)})
-    assert float(got32) == pytest.approx(expected, rel=1e-3)
 
 
 def test_kdsvd_gradient_matches_finite_differences_and_reaches_only_student():
@@ -265,7 +172,7 @@ def test_fused_relation_gap_matches_autograd_of_the_expression():
     target = torch.rand(3, 7, 5, 2, dtype=torch.float64)
     fused = relation_gap(v, w, target, sigma=2.0)
     gv, gw = torch.autograd.grad(3.0 * fused, (v, w))
-    ref = ((rbf_relation(v, w, 2.0) - target) ** 2).flatten(1).sum(1).mean()
+    ref = ((rbf_relation(v, w, 2.0) - target) ** 2).sum()  # summed over the batch too, as upstream
     rv, rw = torch.autograd.grad(3.0 * ref, (v, w))
     torch.testing.assert_close(fused, ref)
     torch.testing.assert_close(gv, rv)
@@ -316,14 +223,14 @@ def test_no_nan_gradient_on_degenerate_feature_maps(method):
         name = case[0][0]
         for teacher in (teacher_rand, {f"t{i}": case[i][1] for i in range(3)}):
             feats = {f"t{i}": case[i][1].clone().requires_grad_(True) for i in range(3)}
-            emb = torch.zeros(4, 16, requires_grad=True)
-            loss = d(Outputs(None, feats, emb), Outputs(None, teacher, torch.zeros(4, 16)), None)
+            logits = torch.zeros(4, 5, requires_grad=True)  # all equal: II-KD's RKD term on the logits
+            loss = d(Outputs(logits, feats), Outputs(torch.zeros(4, 5), teacher), None)
             loss.backward()
             assert torch.isfinite(loss), name
             for f in feats.values():
                 assert f.grad is not None and torch.isfinite(f.grad).all(), name
             if method == "iikd":
-                assert torch.isfinite(emb.grad).all()
+                assert torch.isfinite(logits.grad).all()
 
 
 def test_kdsvd_refuses_mismatched_taps():
@@ -335,53 +242,6 @@ def test_kdsvd_refuses_mismatched_taps():
 
 
 # ----------------------------------------------------------------------------- mhgd
-def np_bn(z, bn):
-    return ((z - bn.running_mean.numpy()) / np.sqrt(bn.running_var.numpy() + bn.eps) * bn.weight.detach().numpy()
-            + bn.bias.detach().numpy())
-
-
-def np_graph(att, v_cur, v_prev):
-    h, d = att.heads, att.dim
-    k = np_bn(v_cur @ att.key[0].weight.detach().numpy().T, att.key[1]).reshape(len(v_cur), d, h)
-    q = np_bn(v_prev @ att.query[0].weight.detach().numpy().T, att.query[1]).reshape(len(v_prev), d, h)
-    return np.stack([k[:, :, i] @ q[:, :, i].T for i in range(h)])  # (H, B, B)
-
-
-def np_mhgd(m, fs, ft):
-    vec = np_aligned_vectors(fs, ft)
-    total = 0.0
-    for att, (vs0, vt0), (vs1, vt1) in zip(m.attention, vec[:-1], vec[1:]):
-        ps = np_softmax(np.tanh(np_graph(att, vs1, vs0)))
-        pt = np_softmax(np.tanh(np_graph(att, vt1, vt0)))
-        total += (ps * (np.log(ps) - np.log(pt))).sum(-1).sum(0).mean()
-    return total
-
-
-def frozen_mhgd(channels, heads=3, seed=0):
-    torch.manual_seed(seed)
-    m = MHGD(heads=heads)
-    m.build(channels)
-    for bn in [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm1d)]:
-        bn.running_mean.uniform_(-0.1, 0.1)
-        bn.running_var.uniform_(0.01, 0.05)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.2, 0.2)
-    m.freeze()
-    return m
-
-
-def test_mhgd_matches_reference_and_is_zero_when_equal():
-    rng = np.random.default_rng(7)
-    fs, ft = random_feats(rng, n=5), random_feats(rng, n=5)
-    m = frozen_mhgd([4, 8, 12]).double()
-    s_out = Outputs(None, {k: torch.from_numpy(v) for k, v in zip("abc", fs)})
-    t_out = Outputs(None, {k: torch.from_numpy(v) for k, v in zip("abc", ft)})
-    expected = np_mhgd(m, fs, ft)
-    assert expected > 1e-6
-    assert float(m(s_out, t_out, None)) == pytest.approx(expected, rel=1e-7)
-    assert float(m(t_out, t_out, None)) == pytest.approx(0.0, abs=1e-12)
-
-
 def test_mhgd_requires_prepare_and_prepare_trains_then_freezes(batch):
     x, _ = batch
     torch.manual_seed(8)
@@ -406,21 +266,6 @@ def test_mhgd_requires_prepare_and_prepare_trains_then_freezes(batch):
     f2 = {k: v + 0.3 * torch.rand_like(v) for k, v in feats.items()}
     assert float(other(Outputs(None, f2), Outputs(None, feats), None)) == pytest.approx(
         float(m(Outputs(None, f2), Outputs(None, feats), None)), rel=1e-6)
-
-
-def test_iikd_is_the_sum_of_rkd_mhgd_kdsvd():
-    rng = np.random.default_rng(9)
-    fs = {k: torch.from_numpy(v).float() for k, v in zip("abc", random_feats(rng, n=5))}
-    ft = {k: torch.from_numpy(v).float() for k, v in zip("abc", random_feats(rng, n=5))}
-    es, et = torch.randn(5, 12), torch.randn(5, 12)
-    d = create_distiller("iikd", heads=2)
-    d.mhgd.build([4, 8, 12])
-    d.mhgd.freeze()
-    s, t = Outputs(None, fs, es), Outputs(None, ft, et)
-    expected = float(rkd_loss(es, et)) + float(d.mhgd(s, t, None)) + float(kdsvd_loss(fs, ft))
-    assert float(d(s, t, None)) == pytest.approx(expected, rel=1e-5)
-    assert set(d.terms()) == {"rkd", "mhgd", "kdsvd"}
-    assert float(d(t, t, None)) == pytest.approx(0.0, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- objective
@@ -628,3 +473,145 @@ def test_quantized_student_from_model_zoo_distils(batch):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
     with FeatureTaps(student) as taps:
         assert list(taps(x).features) == list(teacher.kd_taps)
+
+
+# ----------------------------------------------------------------------------- different widths: the adapter
+def _conv1x1(f, m):
+    return torch.einsum("oc,bchw->bohw", m, f)
+
+
+@pytest.mark.parametrize("method", ["kdsvd", "mhgd", "iikd"])
+def test_adapter_bridges_widths_and_vanishes_when_it_maps_the_student_onto_the_teacher(method):
+    """A teacher whose maps are a fixed channel mixing M of the student's (wider: 6/10/8 vs 3/5/4
+    channels): with the adapter set to M the adapted student equals the teacher, so the KD loss is 0;
+    from the adapter's own initialisation it is not, and the gradient reaches both the student's
+    features and the adapter."""
+    torch.manual_seed(16)
+    dims = [(3, 6, 6), (5, 3, 3), (4, 2, 2)]
+    wide = [6, 10, 8]
+    s_feats = {f"t{i}": torch.rand(4, *d, dtype=torch.float64) + 0.1 for i, d in enumerate(dims)}
+    mix = {k: torch.randn(c, f.shape[1], dtype=torch.float64) for (k, f), c in zip(s_feats.items(), wide)}
+    t_feats = {k: _conv1x1(f, mix[k]) for k, f in s_feats.items()}
+    d = create_distiller(method, **({"heads": 2} if method != "kdsvd" else {}))
+    if method != "kdsvd":
+        m = d.mhgd if method == "iikd" else d
+        m.build(wide)
+        m.freeze()
+    logits = torch.randn(4, 5, dtype=torch.float64)
+    s_out, t_out = Outputs(logits, s_feats), Outputs(logits, t_feats)
+    assert d.build_adapters(s_out, t_out)
+    d.double()
+    adapter = d.adapter
+    assert sorted((k, tuple(w.shape)) for k, w in adapter.maps.items()) == \
+        sorted((k, (c, f.shape[1])) for (k, f), c in zip(s_feats.items(), wide))
+    feats = {k: v.clone().requires_grad_(True) for k, v in s_feats.items()}
+    loss = d(Outputs(logits, feats), t_out, None)
+    assert float(loss.detach()) > 1e-6
+    loss.backward()
+    assert all(float(f.grad.abs().sum()) > 0 for f in feats.values())
+    assert all(w.grad is not None and float(w.grad.abs().sum()) > 0 for w in adapter.maps.values())
+    with torch.no_grad():
+        for k, w in adapter.maps.items():
+            w.copy_(mix[k])
+    assert float(d(s_out, t_out, None).detach()) == pytest.approx(0.0, abs=1e-9)
+    # a fresh instance restores the adapter from the state dict
+    other = create_distiller(method, **({"heads": 2} if method != "kdsvd" else {}))
+    other.load_state_dict(d.state_dict())
+    other.double()
+    for k, w in adapter.maps.items():
+        assert torch.equal(other.adapter.maps[k], w)
+    assert float(other(s_out, t_out, None).detach()) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_objective_builds_the_adapter_from_a_probe_before_the_optimizer(batch):
+    x, y = batch
+    torch.manual_seed(17)
+    teacher, student = TinyNet(w=8), TinyNet(w=4)
+    # without a probe, unequal widths are one clear error
+    obj = build_kd_objective("kdsvd", copy.deepcopy(teacher))
+    obj.setup(student, CPU)
+    assert obj.extra_parameters() == []
+    with pytest.raises(UserError, match="adapter"):
+        obj.train_step(student, x, y, ctx())
+    student.zero_grad(set_to_none=True)
+    obj = build_kd_objective("iikd", teacher, probe=x[:2], prepare_epochs=1, heads=2)
+    obj.prepare([x[:6], x[6:]])
+    student.train()
+    bn_before = {k: v.clone() for k, v in list(student.state_dict().items()) + [
+        ("t." + k, v) for k, v in teacher.state_dict().items()] if "running" in k}
+    obj.setup(student, CPU)
+    assert student.training
+    extra = obj.extra_parameters()
+    assert sorted(tuple(p.shape) for p in extra) == [(8, 4), (16, 8), (32, 16)]
+    after = dict(student.state_dict(), **{"t." + k: v for k, v in teacher.state_dict().items()})
+    for k, v in bn_before.items():  # the probe ran in eval mode: no BatchNorm statistics moved
+        assert torch.equal(after[k], v), k
+    opt = torch.optim.SGD(list(student.parameters()) + extra, lr=0.1)
+    _, metrics = obj.train_step(student, x, y, ctx())
+    assert torch.isfinite(metrics["kd_loss"]) and float(metrics["kd_loss"]) > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and float(p.grad.abs().sum()) > 0 for p in extra)
+    before = [p.detach().clone() for p in extra]
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, extra))
+    # a resumed objective (no probe) gets the adapter back from the state dict and gives the same loss
+    obj2 = build_kd_objective("iikd", copy.deepcopy(teacher), heads=2)
+    obj2.load_state_dict(copy.deepcopy(obj.state_dict()))
+    s1, s2 = copy.deepcopy(student).eval(), copy.deepcopy(student).eval()
+    _, m1 = obj.train_step(s1, x, y, ctx())
+    _, m2 = obj2.train_step(s2, x, y, ctx())
+    assert float(m1["kd_loss"]) == pytest.approx(float(m2["kd_loss"]), rel=1e-6)
+
+
+WIDTHS_DATA = "distill-widths-noise"
+
+
+def _widths_bundle():
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.arange(96) % 10
+    return bundle_from_tensors(WIDTHS_DATA, images[:64], labels[:64], images[64:], labels[64:])
+
+
+register_dataset(WIDTHS_DATA, _widths_bundle)
+
+
+def test_distill_command_between_networks_of_different_widths(tmp_path):
+    """`rolekd distill` of a WRN-10-1 student (16/32/64 channels) from a WRN-10-2 teacher (32/64/128):
+    II-KD runs through the channel adapter, which trains with the student and is saved in the checkpoint;
+    KD gradient clipping follows the method (kd.clip unset) and kd.clip_lam is read."""
+    common = [f"dataset={WIDTHS_DATA}", "batch_size=32", "train.eval_batch_size=32", "augment.cutout=0",
+              "train.progress=false", "train.device=cpu", "epochs=1"]
+    assert main(["train", *common, "model=wrn_10_2", f"out={tmp_path / 'teacher'}"]) == 0
+    assert main(["distill", *common, "model=wrn_10_1", f"teacher={tmp_path / 'teacher'}", "method=iikd",
+                 "kd.prepare_epochs=1", "kd.clip_lam=authors", f"out={tmp_path / 'student'}"]) == 0
+    state = load_state(tmp_path / "student" / "checkpoint" / "state.pt")
+    maps = {k: tuple(v.shape) for k, v in state["objective"]["distiller"].items() if k.startswith("adapter.maps.")}
+    assert maps == {"adapter.maps.stage1": (32, 16), "adapter.maps.stage2": (64, 32), "adapter.maps.stage3": (128, 64)}
+    init = build_kd_objective("iikd", create_wrn("wrn_10_2"), probe=torch.zeros(2, 3, 32, 32))
+    init.setup(create_wrn("wrn_10_1"), CPU)  # the adapter's fixed initialisation
+    for k, w in init.distiller.adapter.maps.items():  # it trained
+        assert not torch.equal(state["objective"]["distiller"][f"adapter.maps.{k}"], w.detach())
+    rows = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["train_kd_loss"]) and r["train_kd_loss"] > 0 for r in rows)
+    assert main(["distill", *common, "model=wrn_10_1", f"teacher={tmp_path / 'teacher'}", "method=iikd",
+                 "kd.clip_lam=sometimes", f"out={tmp_path / 'bad'}"]) == 2
+    # the config reaches the objective: clipping as the method declares unless kd.clip says otherwise,
+    # kd.clip_lam, and the adapter's parameters in the trainer's optimizer
+    base = [*common, "model=wrn_10_1", f"kd.teacher={tmp_path / 'teacher'}", "kd.prepare_epochs=0"]
+    with Session() as session:
+        for extra, clips, lam_mode in [(["kd.method=kdsvd", "kd.clip_lam=authors"], True, "authors"),
+                                       (["kd.method=rkd"], False, "paper"),
+                                       (["kd.method=rkd", "kd.clip=true"], True, "paper"),
+                                       (["kd.method=kdsvd", "kd.clip=false"], False, "paper")]:
+            trainer = build_trainer(load_config(None, base + extra), session)
+            obj = trainer.objective
+            assert (obj.clip_kd_grad, obj.clip_lam) == (clips, lam_mode), extra
+            in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+            adapted = list(obj.distiller.adapter.maps.values()) if hasattr(obj.distiller, "adapter") else []
+            assert len(adapted) == (3 if "kd.method=kdsvd" in extra else 0)
+            assert all(id(p) in in_opt for p in adapted)
+            obj.close()
+
+
+def create_wrn(name):
+    return create(name, num_classes=10)

@@ -152,8 +152,10 @@ class KDConfig(_Section):
     T: float = Field(4.0, gt=0)
     lam_decay: float = Field(0.5, gt=0, le=1)
     lam_decay_every: int = Field(60, gt=0)
-    clip: bool = True
+    clip: bool | None = None  # clip the KD gradient to the task gradient's norm; None = the method's own
+    # declaration (kdsvd, mhgd, iikd clip as their reference code does; soft, dml, rkd do not)
     clip_e0: float = 0.0
+    clip_lam: Literal["paper", "authors"] = "paper"  # clipped gradient of λ·KD (paper) or of KD, λ unused (authors)
     prepare_epochs: int = Field(1, ge=0)  # MHGD: epochs to train its attention network on the teacher
     init_from_teacher: bool = True  # a same-architecture student starts from the teacher's weights
     options: dict[str, Any] = Field(default_factory=dict)  # the method's own options, checked by the method

@@ -244,15 +244,19 @@ class _Images:
 
 def build_objective(cfg: Config, bundle: DataBundle, train_loader: DeviceLoader, device: torch.device,
                     session: Session) -> KDObjective:
-    """The KD objective of ``cfg.kd``: the frozen teacher, the method (reading its own options), and the
-    method's preparation on the teacher (shared through the session)."""
+    """The KD objective of ``cfg.kd``: the frozen teacher, the method (reading its own options), KD
+    gradient clipping as the method declares unless ``kd.clip`` says otherwise, a probe batch (two training
+    images) from which the trainer's ``setup`` builds a channel adapter when the student's tap widths
+    differ from the teacher's, and the method's preparation on the teacher (shared through the session)."""
     kd = cfg.kd
     cls = distiller_class(kd.method)
     teacher, weights, _ = load_teacher(cfg, bundle.num_classes, device, session)
     if cls.trains_teacher:
         teacher = copy.deepcopy(teacher)  # it trains its own copy of the teacher
+    probe = train_loader.normalize(train_loader.images[:2]) if cls.needs_features else None
     objective = build_kd_objective(cls.from_config(kd), teacher, lam=kd.lam, lam_decay=kd.lam_decay,
-                                   lam_decay_every=kd.lam_decay_every, clip=kd.clip, clip_e0=kd.clip_e0)
+                                   lam_decay_every=kd.lam_decay_every, clip=kd.clip, clip_e0=kd.clip_e0,
+                                   clip_lam=kd.clip_lam, probe=probe)
     if objective.needs_prepare:
         # it depends only on the teacher, the method and the data (its own fixed shuffling seed), so it is
         # prepared once per session and shared, e.g. by all search members

@@ -6,12 +6,13 @@ Methods: ``soft`` (Hinton), ``dml`` (deep mutual learning), ``rkd`` (relational 
 :func:`build_kd_objective`.
 """
 
+from .adapter import ChannelAdapter
 from .base import DISTILLERS, Distiller, create_distiller, distiller_class, list_distillers, register
 from .dml import DeepMutualLearning, mutual_kl
 from .iikd import IIKD
 from .kdsvd import KDSVD, kdsvd_loss, kdsvd_loss_from_pairs, rbf_relation
 from .mhgd import MHGD, GraphAttention, graph_kl
-from .objective import KDObjective, MutualKDObjective, build_kd_objective, clip_factor
+from .objective import CLIP_LAM, KDObjective, MutualKDObjective, build_kd_objective, clip_factor
 from .rkd import RelationalKD, rkd_loss
 from .soft import SoftLabel, soft_label_loss
 from .svd import align_rsv, canonical_sign, feature_matrix, singular_pairs, top_right_singular
@@ -20,6 +21,6 @@ __all__ = [
     "DISTILLERS", "Distiller", "create_distiller", "distiller_class", "list_distillers", "register",
     "SoftLabel", "soft_label_loss", "DeepMutualLearning", "mutual_kl", "RelationalKD", "rkd_loss",
     "KDSVD", "kdsvd_loss", "kdsvd_loss_from_pairs", "rbf_relation", "MHGD", "GraphAttention", "graph_kl", "IIKD",
-    "KDObjective", "MutualKDObjective", "build_kd_objective", "clip_factor",
+    "KDObjective", "MutualKDObjective", "build_kd_objective", "clip_factor", "CLIP_LAM", "ChannelAdapter",
     "align_rsv", "canonical_sign", "feature_matrix", "singular_pairs", "top_right_singular",
 ]

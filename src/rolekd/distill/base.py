@@ -4,8 +4,12 @@ Every method is one small :class:`Distiller` module (in the spirit of mdistiller
 layout): ``forward(student, teacher, labels)`` returns the scalar KD loss only (the objective adds the
 task loss and the weight λ). Flags tell the objective what to record: ``needs_features`` (the models'
 ``kd_taps``), ``needs_embedding`` (the pre-logit input of ``kd_embedding``) and ``trains_teacher``
-(DML, where the teacher learns too). Methods with their own trainable parts implement
-``prepare(teacher_model, batches)``, called once before KD training.
+(DML, where the teacher learns too); ``clip_kd_grad`` declares whether the method's reference code clips
+its KD gradient to the task gradient's norm (KD-SVD, MHGD, II-KD) or adds it as it is (soft labels, DML,
+RKD); the objective follows the declaration unless told otherwise (``kd.clip``). Methods with their own
+trainable parts implement ``prepare(teacher_model, batches)``, called once before KD training, and
+methods that compare feature maps channel by channel implement :meth:`Distiller.build_adapters`, called
+with one probe batch's outputs when the student's and the teacher's tap widths may differ.
 
 Each method reads its own options from the ``kd`` config section (:meth:`Distiller.options_from`:
 ``kd.options``, plus the documented shortcuts a method uses, e.g. ``kd.T`` for soft labels); its
@@ -46,6 +50,7 @@ class Distiller(nn.Module):
     needs_embedding: bool = False
     trains_teacher: bool = False
     needs_prepare: bool = False
+    clip_kd_grad: bool = False  # the reference code clips this method's KD gradient (see KDObjective)
 
     def forward(self, student: Outputs, teacher: Outputs, labels: torch.Tensor) -> torch.Tensor:
         """The KD loss (a scalar, not including the task loss). Teacher tensors carry no gradient."""
@@ -57,6 +62,12 @@ class Distiller(nn.Module):
     @property
     def is_prepared(self) -> bool:
         return True
+
+    def build_adapters(self, student: Outputs, teacher: Outputs) -> bool:
+        """Create any trainable parts that depend on the two networks' shapes (e.g. a channel adapter
+        for taps of different widths) from one probe batch's outputs; True if parameters were added.
+        A no-op by default."""
+        return False
 
     def terms(self) -> dict[str, torch.Tensor]:
         """Detached parts of the last loss, for logging (``{}`` when the loss has one part)."""

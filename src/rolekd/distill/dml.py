@@ -5,7 +5,9 @@ checkpoint) from ``CE + KL(p_s || p_t)``, each against the other's *detached* pr
 gives both losses; :class:`~rolekd.distill.objective.KDObjective` runs the teacher in train mode and
 steps its own optimizer inside ``train_step``. The two networks are updated from the same forward pass
 (simultaneously), not one after the other as in the paper's Algorithm 1 — one forward per network per
-step instead of three.
+step instead of three. No gradient clipping. (The TensorFlow code of the role-wise KD and KD-SVD authors
+adds the symmetric average ``(KL(p_t || p_s) + KL(p_s || p_t)) / 2`` to both losses, with gradients
+through both arguments; see docs/FIDELITY.md.)
 """
 
 from __future__ import annotations

@@ -9,13 +9,16 @@ candidates, aligned to the teacher's vectors by ``|cosine|`` and sign, see :mod:
 Both sets are scaled by the teacher's l2-normalised top-``k`` singular values (1 when ``k = 1``). The
 knowledge is the radial-basis relation between consecutive taps' vectors,
 ``G[d, d', j] = exp(-(v_l[d, j] - v_{l-1}[d', j])^2 / sigma)`` with ``sigma = 8``, and the loss is the
-squared difference of the student's and the teacher's ``G``, summed over ``(d, d', j)`` and over tap
-pairs. Upstream also sums over the batch; we average over it, so λ does not depend on the batch size.
-Maps of different spatial size need no resizing: the vectors live in the channel space.
+squared difference of the student's and the teacher's ``G``, summed over ``(b, d, d', j)`` — the batch
+included, as upstream's ``tf.reduce_sum`` (role-kd ``pba/kd/nets/Shared.py::KD_SVD``) — and over tap
+pairs. The loss (and λ's effect) therefore grows with the batch size, as upstream's does.
+Maps of different spatial size need no resizing: the vectors live in the channel space; maps of
+different *widths* go through a :class:`~rolekd.distill.adapter.ChannelAdapter` first.
 
 Upstream trains with the KD gradient clipped per variable to the norm of the task gradient times
 ``sigmoid(epoch - 0)`` (``op_util.Optimizer_w_Distillation``); that rule lives in
-:class:`~rolekd.distill.objective.KDObjective` (``clip_kd_grad``, ``clip_e0 = 0``).
+:class:`~rolekd.distill.objective.KDObjective` (``clip_kd_grad``, ``clip_e0 = 0``), which KD-SVD asks for
+(``KDSVD.clip_kd_grad = True``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from .adapter import ChannelAdapter
 from .base import Distiller, register
 from .svd import SingularPair, singular_pairs
 
@@ -33,7 +37,7 @@ def rbf_relation(v: torch.Tensor, v_prev: torch.Tensor, sigma: float = 8.0) -> t
 
 
 class _RelationGap(torch.autograd.Function):
-    """``mean_b sum_{d,d',j} (rbf_relation(v, v_prev)[b, d, d', j] - target[b, d, d', j])^2`` in one node:
+    """``sum_{b,d,d',j} (rbf_relation(v, v_prev)[b, d, d', j] - target[b, d, d', j])^2`` in one node:
     the (B, C, C', k) intermediates are made in place and the backward is three products and two sums
     (autograd's graph of the same expression costs ~3x more on the CPU)."""
 
@@ -43,20 +47,19 @@ class _RelationGap(torch.autograd.Function):
         e = d.square().mul_(-1.0 / sigma).exp_()
         r = e - target
         ctx.save_for_backward(d, e, r)
-        ctx.sigma, ctx.batch = sigma, v.shape[0]
-        return torch.dot(r.flatten(), r.flatten()) / ctx.batch
+        ctx.sigma = sigma
+        return torch.dot(r.flatten(), r.flatten())
 
     @staticmethod
     def backward(ctx, g):
         d, e, r = ctx.saved_tensors
         # d/dd of (e - t)^2 = 2 (e - t) e (-2 d / sigma)
-        gd = (r * e).mul_(d).mul_(g * (-4.0 / (ctx.sigma * ctx.batch)))
+        gd = (r * e).mul_(d).mul_(g * (-4.0 / ctx.sigma))
         return gd.sum(2), -gd.sum(1), None, None
 
 
 def relation_gap(v: torch.Tensor, v_prev: torch.Tensor, target: torch.Tensor, sigma: float = 8.0) -> torch.Tensor:
-    """``((rbf_relation(v, v_prev, sigma) - target) ** 2).flatten(1).sum(1).mean()``, fused (``target``
-    carries no gradient)."""
+    """``((rbf_relation(v, v_prev, sigma) - target) ** 2).sum()``, fused (``target`` carries no gradient)."""
     return _RelationGap.apply(v, v_prev, target.detach(), float(sigma))
 
 
@@ -87,9 +90,10 @@ def kdsvd_loss(student_features: dict[str, torch.Tensor], teacher_features: dict
 
 @register("kdsvd")
 class KDSVD(Distiller):
-    """KD-SVD on the models' feature taps."""
+    """KD-SVD on the models' feature taps (a channel adapter for taps of different widths)."""
 
     needs_features = True
+    clip_kd_grad = True
 
     def __init__(self, k: int = 1, candidates: int | None = None, sigma: float = 8.0, eps: float = 1e-4):
         super().__init__()
@@ -98,9 +102,17 @@ class KDSVD(Distiller):
         if self.k < 1 or self.candidates < self.k:
             raise UserError(f"kdsvd: need 1 <= k <= candidates, got k={k}, candidates={candidates}")
         self.sigma, self.eps = float(sigma), float(eps)
+        self.adapter = ChannelAdapter()
+
+    def build_adapters(self, student, teacher) -> bool:
+        return self.adapter.build(student.features, teacher.features)
+
+    def pairs_from(self, student_features, teacher_features) -> list[SingularPair]:
+        """Aligned singular pairs of (already adapted) student features and teacher features."""
+        return singular_pairs(student_features, teacher_features, self.k, self.candidates, self.eps, method="kdsvd")
 
     def pairs(self, student, teacher) -> list[SingularPair]:
-        return singular_pairs(student.features, teacher.features, self.k, self.candidates, self.eps, method="kdsvd")
+        return self.pairs_from(self.adapter(student.features), teacher.features)
 
     def loss_from_pairs(self, pairs: list[SingularPair]) -> torch.Tensor:
         return kdsvd_loss_from_pairs(pairs, self.sigma)

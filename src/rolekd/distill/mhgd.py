@@ -11,8 +11,13 @@ the batch's vectors to ``H = 8`` graphs over the *samples* of the batch::
     K = BN(W_k v_l)   reshaped (B, D, H),   Q = BN(W_q v_{l-1})   reshaped (B, D, H),   D = (C_l + C_{l-1}) // 2
     G[h] = K[:, :, h] @ Q[:, :, h]^T          # (B, B) per head, no scaling
 
-The KD loss is ``KL(softmax(tanh G_S) || softmax(tanh G_T))`` over each graph row, summed over heads and
-rows' entries and tap pairs; upstream also sums over the rows, we average over them (the batch).
+The KD loss is ``KL(softmax(tanh G_S) || softmax(tanh G_T))`` over each graph row, summed over the rows
+(the batch), the heads and the tap pairs, as upstream's ``kld_loss`` (one ``tf.reduce_sum`` over
+heads, rows and entries; role-kd ``pba/kd/nets/Relation.py``, ``KD_methods_with_TF`` ``nets/Relation.py``).
+Like KD-SVD's, the loss grows with the batch size. Upstream clips the KD gradient to the task
+gradient's norm (``op_util.Optimizer_w_MHGD``), so ``MHGD.clip_kd_grad = True``. Taps of different
+widths go through a :class:`~rolekd.distill.adapter.ChannelAdapter` (the attention network is built on
+the teacher's widths).
 
 The attention network is trained first, on the frozen teacher only (upstream: 40 "init" epochs of SGD
 with momentum 0.9, Nesterov, LR 0.1 and weight decay 5e-4, before the student's KD training): an
@@ -36,6 +41,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.taps import FeatureTaps
+from .adapter import ChannelAdapter
 from .base import Distiller, register
 from .svd import SingularPair, canonical_sign, feature_matrix, singular_pairs, top_right_singular
 
@@ -71,10 +77,10 @@ class GraphAttention(nn.Module):
 
 
 def graph_kl(g_s: torch.Tensor, g_t: torch.Tensor) -> torch.Tensor:
-    """``KL(softmax(tanh g_s) || softmax(tanh g_t))`` per graph row, summed over heads, mean over rows."""
+    """``KL(softmax(tanh g_s) || softmax(tanh g_t))`` per graph row, summed over rows and heads."""
     log_p_s = F.log_softmax(torch.tanh(g_s), dim=-1)
     log_p_t = F.log_softmax(torch.tanh(g_t), dim=-1)
-    return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1).sum(0).mean()
+    return (log_p_s.exp() * (log_p_s - log_p_t)).sum()
 
 
 @register("mhgd")
@@ -88,6 +94,7 @@ class MHGD(Distiller):
 
     needs_features = True
     needs_prepare = True
+    clip_kd_grad = True
 
     def __init__(self, heads: int = 8, candidates: int = 4, prepare_epochs: int = 40, prepare_lr: float = 0.1,
                  prepare_momentum: float = 0.9, prepare_weight_decay: float = 5e-4, eps: float = 1e-4):
@@ -106,6 +113,7 @@ class MHGD(Distiller):
         self.register_buffer("channels", torch.zeros(0, dtype=torch.long))
         self.register_buffer("prepared", torch.zeros((), dtype=torch.bool))
         self.prepare_history: list[float] = []  # mean estimator loss per prepare epoch
+        self.adapter = ChannelAdapter()  # student -> teacher widths where they differ
 
     # ------------------------------------------------------------------ structure
     @property
@@ -161,8 +169,15 @@ class MHGD(Distiller):
                 out.append(canonical_sign(v)[..., 0])
         return out
 
+    def build_adapters(self, student, teacher) -> bool:
+        return self.adapter.build(student.features, teacher.features)
+
+    def pairs_from(self, student_features, teacher_features) -> list[SingularPair]:
+        """Aligned singular pairs of (already adapted) student features and teacher features."""
+        return singular_pairs(student_features, teacher_features, 1, self.candidates, self.eps, method="mhgd")
+
     def pairs(self, student, teacher) -> list[SingularPair]:
-        return singular_pairs(student.features, teacher.features, 1, self.candidates, self.eps, method="mhgd")
+        return self.pairs_from(self.adapter(student.features), teacher.features)
 
     # ------------------------------------------------------------------ training the attention network
     def estimation_loss(self, vectors: list[torch.Tensor]) -> torch.Tensor:

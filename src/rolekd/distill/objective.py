@@ -2,17 +2,29 @@
 
 One step: the student's forward (with feature taps when the KD loss needs them), the teacher's forward
 on the same batch (frozen: eval mode, no gradients; DML: train mode, it learns too), the task loss
-``CE`` and the KD loss, then the gradients::
+``CE`` and the KD loss, then the gradients, per parameter tensor::
 
-    grad = grad(CE) + clip(λ · grad(KD))        per parameter tensor, when clip_kd_grad
+    grad = grad(CE) + clip(grad(λ·KD))      clip_kd_grad, clip_lam="paper" (default)
+    grad = grad(CE) + clip(grad(KD))        clip_kd_grad, clip_lam="authors" (λ never enters the update)
+    grad = grad(CE + λ·KD)                  no clipping: one backward
     clip(g) = g · min(1, ||grad(CE)|| · sigmoid(epoch - e0) / ||g||)
 
-as KD-SVD's code and the role-wise KD paper do (``op_util.Optimizer_w_Distillation`` in
-``sseung0703/KD_methods_with_TF`` uses ``e0 = 0``, counting epochs from the start of KD training — for
-MHGD after its attention network's own training, so our 0-based KD epoch is the same count). Without
-clipping it is one backward of ``CE + λ·KD``. λ decays: by default ``×0.5`` every 60 epochs (paper
-§5.1); alternatively ``lam_milestones`` (fractions of the run) with ``lam_gamma`` (the authors' code
-uses ``[0.3, 0.6, 0.8]`` and 0.6).
+Whether a method's KD gradient is clipped is the method's own declaration (``Distiller.clip_kd_grad``:
+KD-SVD, MHGD and II-KD, whose reference code clips; soft labels, DML and RKD add ``λ·KD`` as their
+reference code does), overridden by ``clip_kd_grad=True/False``. The clip is KD-SVD's rule
+(``op_util.Optimizer_w_Distillation`` in ``sseung0703/KD_methods_with_TF`` and ``bigaidream-projects/
+role-kd``: ``tf.clip_by_norm(grad(KD), ||grad(CE)|| * sigmoid(epoch, 0))`` per variable, ``e0 = 0``,
+counting epochs from the start of KD training — for MHGD after its attention network's own training,
+so our 0-based KD epoch is the same count). Where λ enters: the paper writes ``task + λ·KD`` and clips
+"the gradient for KD loss", read here as the gradient of the weighted term ``λ·KD`` (λ acts whenever
+the clip does not bind); the authors' code clips the gradient of the *unweighted* KD loss and never
+applies λ to it (``lamb`` only enters the logged total loss), ``clip_lam="authors"``. λ decays: by
+default ``×0.5`` every 60 epochs (paper §5.1); alternatively ``lam_milestones`` (fractions of the run)
+with ``lam_gamma`` (the authors' code uses ``[0.3, 0.6, 0.8]`` and 0.6).
+
+A method that compares feature maps channel by channel (KD-SVD, MHGD, II-KD) may need a channel
+adapter when the student's tap widths differ from the teacher's; the objective builds it in
+:meth:`KDObjective.setup` from one ``probe`` batch (see :mod:`rolekd.distill.adapter`).
 
 :class:`KDObjective` distils from a frozen teacher; :class:`MutualKDObjective` (DML) trains the teacher
 too, with its own optimizer. :func:`build_kd_objective` picks the one the method asks for
@@ -31,17 +43,21 @@ from torch import nn
 from ..errors import UserError
 from ..models.taps import FeatureTaps, Outputs
 from ..train.objective import Objective
-from .base import Distiller, create_distiller
+from .base import Distiller, as_float, create_distiller
 
 
 def _as_float(out: Outputs) -> Outputs:
-    return Outputs(out.logits.float(), {k: v.float() for k, v in out.features.items()},
-                   None if out.embedding is None else out.embedding.float())
+    """At least float32 (bf16 autocast outputs are upcast; float64 is kept)."""
+    return Outputs(as_float(out.logits), {k: as_float(v) for k, v in out.features.items()},
+                   None if out.embedding is None else as_float(out.embedding))
 
 
 def _detached(out: Outputs) -> Outputs:
     return Outputs(out.logits.detach(), {k: v.detach() for k, v in out.features.items()},
                    None if out.embedding is None else out.embedding.detach())
+
+
+CLIP_LAM = ("paper", "authors")  # where λ enters a clipped KD gradient (module docstring)
 
 
 def clip_factor(epoch: float, e0: float = 0.0) -> float:
@@ -60,9 +76,12 @@ class KDObjective(Objective):
 
     def __init__(self, teacher: nn.Module, distiller: Distiller, lam: float = 0.4, lam_decay: float = 0.5,
                  lam_decay_every: int = 60, lam_milestones: Sequence[float] | None = None, lam_gamma: float = 0.6,
-                 clip_kd_grad: bool = True, clip_e0: float = 0.0):
+                 clip_kd_grad: bool | None = None, clip_e0: float = 0.0, clip_lam: str = "paper",
+                 probe: torch.Tensor | None = None):
         if not isinstance(distiller, Distiller):
             raise TypeError(f"distiller must be a rolekd Distiller, got {type(distiller).__name__}")
+        if clip_lam not in CLIP_LAM:
+            raise UserError(f"kd clip_lam={clip_lam!r} must be one of {', '.join(CLIP_LAM)}")
         if lam < 0:
             raise UserError(f"kd lam={lam} must be >= 0")
         if not 0 < lam_decay <= 1 or not 0 < lam_gamma <= 1:
@@ -80,8 +99,10 @@ class KDObjective(Objective):
         self.lam_decay_every = int(lam_decay_every)
         self.lam_milestones = sorted(lam_milestones) if lam_milestones is not None else None
         self.lam_gamma = float(lam_gamma)
-        self.clip_kd_grad = bool(clip_kd_grad)
+        self.clip_kd_grad = bool(distiller.clip_kd_grad if clip_kd_grad is None else clip_kd_grad)
         self.clip_e0 = float(clip_e0)
+        self.clip_lam = clip_lam
+        self.probe = probe  # one batch of inputs to build shape-dependent parts (channel adapters) in setup
         self._epochs: int | None = None
         self._s_taps: FeatureTaps | None = None
         self._s_taps_model: nn.Module | None = None
@@ -114,6 +135,28 @@ class KDObjective(Objective):
         self.teacher.to(device)
         self.distiller.to(device)
         self._set_teacher_mode()
+        if self.probe is not None and self.distiller.needs_features:
+            self.build_adapters(model, self.probe.to(device))
+
+    def build_adapters(self, model: nn.Module, images: torch.Tensor) -> bool:
+        """Let the method create its shape-dependent parts (a channel adapter for taps of different
+        widths) from both networks' outputs on ``images``: eval mode, no gradients, nothing updated
+        (BatchNorm statistics included). Returns True if parameters were added; call before the
+        optimizer is built (:meth:`setup` does, with ``probe``)."""
+        base = getattr(model, "_orig_mod", model)
+        was_training, t_training = base.training, self.teacher.training
+        base.eval()
+        self.teacher.eval()
+        try:
+            with torch.no_grad():
+                t_out = _as_float(self._forward_teacher(images))
+                s_out = _as_float(self._forward_student(base, images))
+        finally:
+            base.train(was_training)
+            self.teacher.train(t_training)
+        added = self.distiller.build_adapters(s_out, t_out)
+        self.distiller.to(images.device)
+        return added
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.distiller.parameters() if p.requires_grad]
@@ -174,21 +217,23 @@ class KDObjective(Objective):
         task = F.cross_entropy(s_out.logits, labels)
         kd = d(s_out, t_out, labels)
         kd_w = kd * lam
-        self._backward(model, task, kd_w, ctx.epoch)
+        self._backward(model, task, kd, lam, ctx.epoch)
         metrics = {"loss": (task + kd_w).detach(), "task_loss": task.detach(), "kd_loss": kd.detach(),
                    "lam": torch.full((), lam, device=task.device)}
         for name, value in d.terms().items():
             metrics[f"kd_{name}"] = value
         return s_out.logits.detach(), metrics
 
-    def _backward(self, model: nn.Module, task: torch.Tensor, kd_w: torch.Tensor, epoch: int) -> None:
-        if not self.clip_kd_grad or not kd_w.requires_grad or not float(self.lam):
-            (task + kd_w).backward()
+    def _backward(self, model: nn.Module, task: torch.Tensor, kd: torch.Tensor, lam: float, epoch: int) -> None:
+        authors = self.clip_lam == "authors"
+        if not self.clip_kd_grad or not kd.requires_grad or (not authors and not float(self.lam)):
+            (task + kd * lam).backward()
             return
         params = [p for p in model.parameters() if p.requires_grad]
         extra = [p for p in self.distiller.parameters() if p.requires_grad]
         g_task = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
-        g_kd = torch.autograd.grad(kd_w, params + extra, allow_unused=True)
+        # the clipped gradient: of λ·KD (the paper's reading) or of KD itself (the authors' code)
+        g_kd = torch.autograd.grad(kd if authors else kd * lam, params + extra, allow_unused=True)
         factor = clip_factor(epoch, self.clip_e0)
         # tf.clip_by_norm per parameter, batched over all parameters (few kernel launches on a GPU)
         pairs = [(p, gt, gk) for p, gt, gk in zip(params, g_task, g_kd[:len(params)]) if gk is not None]
@@ -312,15 +357,19 @@ def _accumulate(p: nn.Parameter, g: torch.Tensor | None) -> None:
         p.grad.add_(g.detach())
 
 
-_OBJECTIVE_KEYS = {"lam", "lam_decay", "lam_decay_every", "lam_milestones", "lam_gamma", "clip_kd_grad", "clip_e0"}
+_OBJECTIVE_KEYS = {"lam", "lam_decay", "lam_decay_every", "lam_milestones", "lam_gamma", "clip_kd_grad", "clip_e0",
+                   "clip_lam", "probe"}
 
 
 def build_kd_objective(method: str | Distiller, teacher: nn.Module, **kwargs) -> KDObjective:
     """The KD objective of ``method`` (a name, or a built :class:`Distiller`) with ``teacher``: objective
     options (``lam``, ``lam_decay``, ``lam_decay_every``, ``lam_milestones``, ``lam_gamma``,
-    ``clip_kd_grad`` (alias ``clip``), ``clip_e0``; ``teacher_optimizer`` for a method that trains the
-    teacher) go to the objective, the rest to the distiller (e.g. ``T`` for soft). A method that trains
-    the teacher (DML) gets a :class:`MutualKDObjective`."""
+    ``clip_kd_grad`` (alias ``clip``; ``None``, the default, = the method's own declaration),
+    ``clip_e0``, ``clip_lam`` (``"paper"``: clip the gradient of λ·KD; ``"authors"``: of KD, λ unused),
+    ``probe`` (a batch of inputs; builds a channel adapter in ``setup`` when tap widths differ);
+    ``teacher_optimizer`` for a method that trains the teacher) go to the objective, the rest to the
+    distiller (e.g. ``T`` for soft). A method that trains the teacher (DML) gets a
+    :class:`MutualKDObjective`."""
     if "clip" in kwargs:
         kwargs["clip_kd_grad"] = kwargs.pop("clip")
     okw = {k: kwargs.pop(k) for k in list(kwargs) if k in _OBJECTIVE_KEYS}

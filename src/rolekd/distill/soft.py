@@ -1,6 +1,9 @@
 """Soft-label KD (Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015).
 
-``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged over the batch; ``T = 4`` by default.
+``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged over the batch; ``T = 4`` by default. The
+objective adds ``λ·KD`` to the task loss without gradient clipping. (The TensorFlow code of the
+role-wise KD and KD-SVD authors uses ``0.7 * CE + 0.3 * KL`` without the ``T^2`` factor; see
+docs/FIDELITY.md.)
 """
 
 from __future__ import annotations

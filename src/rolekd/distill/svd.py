@@ -20,7 +20,9 @@ What we take from upstream:
 * spatial sizes never need to agree: the right singular vectors live in the channel space, so maps of
   different ``H x W`` (consecutive layers, or a student with another resolution) are compared as
   channel vectors without pooling or resizing. Teacher and student must have the *same channel count*
-  at each tap (upstream uses the same widths; we raise :class:`~rolekd.errors.UserError` otherwise).
+  at each tap (upstream uses the same widths); for unequal widths the methods first map the student's
+  map to the teacher's width with :class:`~rolekd.distill.adapter.ChannelAdapter`, and
+  :func:`check_taps` raises :class:`~rolekd.errors.UserError` for a mismatch no adapter bridges.
 
 How we compute it (our own): the derivative of an eigenvector, ``dv_i = (l_i I - G)^+ dG v_i``, is
 regularised to ``d / (d^2 + tau^2)`` per eigen-direction (``d = l_i - l_j``, ``tau = eps * l_max``):
@@ -51,6 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from .adapter import channels
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
@@ -313,10 +316,12 @@ def check_taps(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor
         raise UserError(f"{method}: the student has no feature tap(s) {missing} that the teacher has; use models "
                         f"with the same kd_taps names")
     for k in teacher:
-        cs, ct = student[k].shape[1], teacher[k].shape[1]
+        cs, ct = channels(student[k]), channels(teacher[k])
         if cs != ct:
             raise UserError(f"{method}: tap {k!r} has {cs} channels in the student and {ct} in the teacher; "
-                            f"KD-SVD/MHGD compare channel-space singular vectors and need equal widths")
+                            f"KD-SVD/MHGD compare channel-space singular vectors and need equal widths or a "
+                            f"channel adapter (built by the KD objective from a probe batch: "
+                            f"build_kd_objective(..., probe=images); rolekd's commands do this)")
     return list(teacher)
 
 
