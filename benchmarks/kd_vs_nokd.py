@@ -1,6 +1,6 @@
 """KD vs no KD on a 4-bit student, with the reference-scale KD losses (issue 12), several seeds each.
 
-    python benchmarks/kd_vs_nokd.py --out runs/kd_vs_nokd            # ~2 h on a 2-core CPU
+    python benchmarks/kd_vs_nokd.py --out runs/kd_vs_nokd            # ~25 min on the shared 2-core CPU VM
 
 On the bundled CIFAR-10 sample (4,000 train / 1,000 test real images): a full-precision resnet_tiny
 teacher trained ``--teacher-epochs`` epochs, then 4-bit resnet_tiny students initialised from it and
