@@ -20,6 +20,21 @@ def _decode(n: int) -> np.ndarray:
                      for i in range(n)])
 
 
+def register_noise_dataset(name: str, n_train: int, n_test: int, seed: int) -> str:
+    """Register ``name``: random uint8 32x32 images with labels 0..9 in turn (no signal to learn), the first
+    ``n_train`` for training; returns the name."""
+    from rolekd.data import bundle_from_tensors, register_dataset
+
+    def bundle():
+        n = n_train + n_test
+        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        labels = torch.arange(n) % 10
+        return bundle_from_tensors(name, images[:n_train], labels[:n_train], images[n_train:], labels[n_train:])
+
+    register_dataset(name, bundle)
+    return name
+
+
 @pytest.fixture(scope="session")
 def cifar_images() -> np.ndarray:
     """512 real CIFAR-10 training images from the bundled sample, uint8 (N, 32, 32, 3)."""

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import register_noise_dataset
 from rolekd.distill import (
-    MHGD,
     KDObjective,
     build_kd_objective,
     create_distiller,
@@ -25,7 +25,6 @@ from rolekd.distill import (
 )
 from rolekd.cli import main
 from rolekd.config import load_config
-from rolekd.data import bundle_from_tensors, register_dataset
 from rolekd.errors import UserError
 from rolekd.experiment import Session, build_trainer
 from rolekd.files import load_state
@@ -562,17 +561,7 @@ def test_objective_builds_the_adapter_from_a_probe_before_the_optimizer(batch):
     assert float(m1["kd_loss"]) == pytest.approx(float(m2["kd_loss"]), rel=1e-6)
 
 
-WIDTHS_DATA = "distill-widths-noise"
-
-
-def _widths_bundle():
-    g = torch.Generator().manual_seed(5)
-    images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.arange(96) % 10
-    return bundle_from_tensors(WIDTHS_DATA, images[:64], labels[:64], images[64:], labels[64:])
-
-
-register_dataset(WIDTHS_DATA, _widths_bundle)
+WIDTHS_DATA = register_noise_dataset("distill-widths-noise", 64, 32, seed=5)
 
 
 def test_distill_command_between_networks_of_different_widths(tmp_path):

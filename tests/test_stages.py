@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import register_noise_dataset
 from rolekd.augment.schedule import Schedule
 from rolekd.augment.space import OPS, POLICY_LEN
 from rolekd.cli import main
@@ -137,17 +138,7 @@ def test_schedule_shorter_than_training_without_fit_repeats_its_last_epoch(tmp_p
 
 # ---------------------------------------------------------------------------------- bug 6: teacher initialisation
 
-NOISE = "stages-noise"
-
-
-def _noise_bundle():
-    g = torch.Generator().manual_seed(3)
-    images = torch.randint(0, 256, (192, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.arange(192) % 10
-    return bundle_from_tensors(NOISE, images[:128], labels[:128], images[128:], labels[128:])
-
-
-register_dataset(NOISE, _noise_bundle)
+NOISE = register_noise_dataset("stages-noise", 128, 64, seed=3)
 COMMON = ["model=resnet_tiny", f"dataset={NOISE}", "batch_size=64", "train.eval_batch_size=64",
           "augment.cutout=0", "train.progress=false", "train.device=cpu"]
 

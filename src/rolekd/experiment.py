@@ -41,8 +41,8 @@ from .config import Config, dump_config
 from .data import DataBundle, DeviceLoader, Split, load_dataset, reduced_split
 from .distill import KDObjective, build_kd_objective, distiller_class
 from .errors import UserError
-from .files import (LOCK_NAME, RunLock, atomic_write, check_weights, dump_json, load_weights, read_weights,
-                    save_weights)
+from .files import (LOCK_NAME, RunLock, atomic_write, check_weights, dump_json, load_weights, read_summary,
+                    read_weights, save_weights)
 from .models import create
 from .quant import quantize_model
 from .search import Search, finished_search, member_config, search_config
@@ -342,15 +342,9 @@ def _finished(run_dir: Path, verbose: bool = True) -> dict | None:
     """``result.json`` of a finished run (None when there is none); a run that diverged raises
     :class:`NonFiniteLoss` again."""
     result_file = run_dir / "result.json"
-    if not result_file.is_file():
+    result = read_summary(result_file, "delete it and rerun the command to finish the run again from its checkpoint")
+    if result is None:
         return None
-    try:
-        result = json.loads(result_file.read_text())
-        if not isinstance(result, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{result_file} is unreadable: delete it and rerun the command to finish the run again "
-                        f"from its checkpoint") from None
     if result.get("status") == "diverged":
         raise NonFiniteLoss(f"run {run_dir} diverged earlier ({result.get('reason')}); lower train.lr or check the "
                             f"teacher and use another out=DIR, or delete {result_file} to retry from the last "

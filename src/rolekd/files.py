@@ -120,6 +120,20 @@ def dump_json(obj: Any, **kw) -> str:
     return json.dumps(json_safe(obj), allow_nan=False, **kw)
 
 
+def read_summary(path: Path, fix: str) -> dict | None:
+    """The JSON object of a finished run's summary file (``result.json``, ``search.json``); None when the
+    file does not exist; a file that is not a readable JSON object is one UserError line ending in ``fix``."""
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+        if not isinstance(summary, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is unreadable: {fix}") from None
+    return summary
+
+
 # ------------------------------------------------------------------------------------------ run lock
 LOCK_NAME = ".rolekd.lock"
 

@@ -67,18 +67,14 @@ def stage_config(cfg: Config, st: Stage, root: Path, k: int = 0) -> Config:
     if st.schedule is not None:
         # map the searched schedule proportionally onto the retraining's epochs (PBA's multiplier for
         # integer ratios, without its truncation for the others)
-        augment = {"schedule": str(schedule_file(cfg, st.schedule, root)), "schedule_epochs": None,
-                   "multiplier": 1.0, "fit_epochs": True}
+        augment = {"schedule": str(schedule_path(st.schedule, root, cfg.pipeline.teacher_schedule)),
+                   "schedule_epochs": None, "multiplier": 1.0, "fit_epochs": True}
     elif st.base_only:
         augment = {"cutout": 0}  # the paper's baselines: random crop and horizontal flip only
     d = stage_dir(st.name, k)
     return derive(cfg, f"pipeline stage {d}", name=f"{cfg.name}/{d}", out=str(root / d),
                   model=role.model, quant=role.quant, train=train, kd=kd, augment=augment, pipeline=None,
                   **changes)
-
-
-def schedule_file(cfg: Config, search: str, root: Path) -> Path:
-    return schedule_path(search, root, cfg.pipeline.teacher_schedule)
 
 
 def stage_runs(cfg: Config, root: Path | None = None) -> list[StageRun]:
@@ -89,7 +85,7 @@ def stage_runs(cfg: Config, root: Path | None = None) -> list[StageRun]:
         raise UserError("pipeline.student.method is not set: choose soft, dml, rkd, kdsvd, mhgd or iikd")
     stages = [st for st in STAGES if not st.baseline or st.name in cfg.pipeline.baselines]
     if cfg.pipeline.teacher_schedule:
-        given = schedule_file(cfg, "alpha_search", root)
+        given = schedule_path("alpha_search", root, cfg.pipeline.teacher_schedule)
         if not given.is_file():
             raise UserError(f"pipeline.teacher_schedule: {given} not found: give a schedule file or a finished "
                             f"search run directory (with schedule.json)")

@@ -34,7 +34,7 @@ import torch
 from ..augment.space import validate_policy
 from ..config import Config, KDConfig, derive
 from ..errors import UserError
-from ..train import NonFiniteLoss, Trainer
+from ..train import Trainer
 from .pbt import ZERO_POLICY
 
 MemberFactory = Callable[[Config, int, Callable[[int], Sequence[int]]], Trainer]
@@ -119,8 +119,8 @@ class Member:
     # ------------------------------------------------------------------------------ training
     def train(self, epochs: int, policy: Sequence[int]) -> Outcome:
         """Train ``epochs`` epochs with ``policy``, evaluating the validation split where the trainer's
-        rule says (at least after the last epoch: the reward). Raises :class:`NonFiniteLoss` on a
-        NaN/inf loss."""
+        rule says (at least after the last epoch: the reward). Raises
+        :class:`rolekd.train.NonFiniteLoss` on a NaN/inf loss."""
         self.policy = validate_policy(policy)
         rows = self.trainer.run_epochs(int(epochs), splits=["val"], check_finite=True, progress=False)
         return Outcome(rows=rows, train_s=sum(r.get("train_s", 0.0) for r in rows),

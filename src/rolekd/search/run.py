@@ -43,7 +43,7 @@ from typing import Callable, Mapping
 from ..augment.schedule import Schedule
 from ..config import Config, derive
 from ..errors import UserError
-from ..files import fsync_dir, atomic_write, load_state, save_state, save_tensors
+from ..files import atomic_write, fsync_dir, load_state, read_summary, save_state, save_tensors
 from ..plots import plot_rewards, plot_schedule
 from .members import LocalExecutor, MemberFactory, Outcome, member_config
 from .pbt import PBTController, policy_string
@@ -75,16 +75,10 @@ def search_config(cfg: Config) -> Config:
 
 def finished_search(run_dir: Path, verbose: bool = True) -> dict | None:
     """``search.json`` of a finished search in ``run_dir`` (None when it has not finished)."""
-    done = Path(run_dir) / "search.json"
-    if not done.is_file():
+    summary = read_summary(Path(run_dir) / "search.json", "delete it (the search will be finished again from its "
+                           "last saved state, or from the start)")
+    if summary is None:
         return None
-    try:
-        summary = json.loads(done.read_text())
-        if not isinstance(summary, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{done} is unreadable: delete it (the search will be finished again from its last saved "
-                        f"state, or from the start)") from None
     if verbose:
         print(f"{run_dir}: search already finished (best member {summary.get('best_member')}, val acc "
               f"{summary.get('best_val_acc', float('nan')):.4f}); nothing to do", flush=True)
