@@ -123,7 +123,7 @@ class Member:
         :class:`rolekd.train.NonFiniteLoss` on a NaN/inf loss."""
         self.policy = validate_policy(policy)
         rows = self.trainer.run_epochs(int(epochs), splits=["val"], check_finite=True, progress=False)
-        return Outcome(rows=rows, train_s=sum(r.get("train_s", 0.0) for r in rows),
+        return Outcome(rows=rows, train_s=sum(r["train_time_s"] for r in rows),
                        eval_s=sum(r.get("eval_s", 0.0) for r in rows))
 
     def evaluate(self, split: str = "test") -> dict:

@@ -297,7 +297,6 @@ class Trainer:
         rows = []
         with self.rng_scope():
             while self.epoch < end:
-                t0 = time.perf_counter()
                 epoch = self.epoch
                 try:
                     row = self.train_epoch(progress)
@@ -309,7 +308,6 @@ class Trainer:
                     msg = msg if len(msg) <= 160 else msg[:157] + "..."
                     raise NonFiniteLoss(f"{self.log_name}: training diverged in epoch {epoch + 1}/{self.epochs} "
                                         f"({what}: {msg})", epoch=epoch) from None
-                row["train_s"] = time.perf_counter() - t0
                 if check_finite:
                     loss_ok = not row.get("nonfinite") and math.isfinite(row.get("train_loss", 0.0))
                     if not loss_ok or not self.weights_finite():
@@ -354,7 +352,7 @@ class Trainer:
             log.reset([])  # rows of an epoch whose first checkpoint was never written
 
         def after_epoch(trainer: "Trainer", row: dict) -> None:
-            row = json_safe({k: v for k, v in row.items() if k not in ("train_s", "eval_s")})
+            row = json_safe({k: v for k, v in row.items() if k != "eval_s"})
             self.history.append(row)
             if log is not None:
                 log.log(row)
@@ -372,7 +370,7 @@ class Trainer:
                 self.run_epochs(self.epochs - self.epoch, check_finite=True, on_epoch_end=after_epoch)
             except NonFiniteLoss as e:
                 if e.row is not None:
-                    row = json_safe({k: v for k, v in e.row.items() if k not in ("train_s", "eval_s")})
+                    row = json_safe({k: v for k, v in e.row.items() if k != "eval_s"})
                     self.history.append(row)
                     if log is not None:
                         log.log(row)
