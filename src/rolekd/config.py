@@ -87,6 +87,15 @@ class TrainConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     lr_step_frac: float = Field(0.3, gt=0, le=1)  # multiply lr by lr_gamma after every this fraction of epochs
     lr_gamma: float = Field(0.1, gt=0, le=1)
+    # instead of every lr_step_frac: multiply lr by lr_gamma at these fractions of the epochs (the authors'
+    # code: [0.3, 0.6, 0.8])
+    lr_milestones: list[float] | None = None
+    adam_eps: float = Field(1e-8, gt=0)  # Adam's epsilon (PyTorch 1e-8; TensorFlow / the authors' code 1e-5)
+    # weight decay on every parameter (PyTorch's optimizer) or on conv / linear weights only (the authors'
+    # code adds an L2 term of the conv and FC kernels to the loss)
+    weight_decay_on: Literal["all", "weights"] = "all"
+    bn_momentum: float | None = Field(None, gt=0, lt=1)  # BatchNorm momentum (PyTorch 0.1; TF decay 0.99 = 0.01)
+    bn_eps: float | None = Field(None, gt=0)  # BatchNorm epsilon (PyTorch 1e-5; TF 1e-3); None = the model's
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 autocast on CUDA, off on CPU
@@ -152,6 +161,10 @@ class KDConfig(_Section):
     T: float = Field(4.0, gt=0)
     lam_decay: float = Field(0.5, gt=0, le=1)
     lam_decay_every: int = Field(60, gt=0)
+    # instead of ×lam_decay every lam_decay_every epochs: ×lam_gamma at these fractions of the run (the
+    # authors' code: [0.3, 0.6, 0.8] and 0.6)
+    lam_milestones: list[float] | None = None
+    lam_gamma: float = Field(0.6, gt=0, le=1)
     clip: bool | None = None  # clip the KD gradient to the task gradient's norm; None = the method's own
     # declaration (kdsvd, mhgd, iikd clip as their reference code does; soft, dml, rkd do not)
     clip_e0: float = 0.0
@@ -169,13 +182,20 @@ class SearchConfig(_Section):
     quantile: float = Field(0.25, gt=0, le=0.5)
     resample_prob: float = Field(0.2, ge=0, le=1)
     seed: int = 0
-    executor: Literal["local", "ray"] = "local"
+    # local: members one after another in this process; fused: all members as one stacked model on one
+    # device; ray: members (or fused groups of ray_group_size members) in Ray actors; auto: fused on CUDA,
+    # local on CPU
+    executor: Literal["auto", "local", "fused", "ray"] = "local"
+    ray_group_size: int = Field(1, ge=1)  # members per Ray actor, trained fused when > 1
     ray_address: str | None = None
     ray_num_cpus: float = Field(1.0, gt=0)
     ray_num_gpus: float = Field(0.0, ge=0)
     # evaluate members' validation split every N epochs; None: only where PBT reads the reward (the end of
     # each round and the last epoch), the cheapest choice, with the same schedules and exploit decisions
     eval_every: int | None = Field(None, gt=0)
+    # side of the base Cutout square in search members; None = augment.cutout (the authors' searches ran
+    # without Cutout: search.cutout=0)
+    cutout: int | None = Field(None, ge=0)
 
 
 class RoleConfig(_Section):
