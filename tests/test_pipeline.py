@@ -86,13 +86,15 @@ def test_every_stage_ran_and_report_holds_their_numbers(micro):
                         ("stage β vs only-KD", "student", "only_kd"),
                         ("student schedule vs teacher schedule", "student", "student_teacher_schedule"),
                         ("KD vs no KD", "only_kd", "vanilla_student")]:
-        diffs = [x - y for x, y in zip(accs(root, a), accs(root, b))]
+        diffs = [round(x - y, 9) for x, y in zip(accs(root, a), accs(root, b))]
         line = next(x for x in report.splitlines() if x.startswith(f"| {label}"))
         mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
         assert f"| {mean:+.2f} ± {sd:.2f} | 2 |" in line, line
         t = mean / (sd / math.sqrt(2)) if sd else (math.inf if mean else 0.0)
         if sd == 0 and mean == 0:
             assert "identical in every seed" in line
+        elif sd == 0:
+            assert "the same difference in all 2 seeds" in line and "t undefined" in line
         elif abs(t) > 12.706:  # Student's t, 1 degree of freedom, two-sided 95%
             assert "larger than the seed-to-seed noise" in line
         else:
@@ -364,3 +366,20 @@ def test_report_says_when_a_schedule_is_empty_and_when_stages_trained_identicall
     pol[0] = 3  # one op, probability 0.3, in the second epoch only
     Schedule([[0] * 60, pol]).save(copy / "alpha_search" / "schedule.json")
     assert "A_T (teacher) applies ops in 1 of its 2 epochs" in build_report(copy).read_text()
+
+
+def test_a_difference_equal_in_every_seed_has_no_spread_and_no_paired_t():
+    from rolekd.report.report import paired
+
+    # accuracies as the report reads them (100 * test_acc on 1,000 images): 39.1 - 30.5 and 39.2 - 30.6 are
+    # both 8.6 but differ in float arithmetic by ~1e-15, which once gave a paired t of 1e15
+    a, b = [100 * 0.391, 100 * 0.392], [100 * 0.305, 100 * 0.306]
+    assert len({x - y for x, y in zip(a, b)}) == 2  # the float noise this guards against is really there
+    out = paired(a, b)
+    assert out["std"] == 0 and abs(out["mean"] - 8.6) < 1e-9
+    assert "the same difference in all 2 seeds" in out["verdict"] and "t undefined" in out["verdict"]
+    # a real spread: t = mean / (sd / sqrt(n)), judged against Student's t with n - 1 degrees of freedom
+    out = paired([40.0, 41.0, 43.0], [39.0, 39.0, 39.0])
+    d = [1.0, 2.0, 4.0]
+    t = statistics.mean(d) / (statistics.stdev(d) / math.sqrt(3))
+    assert abs(out["t"] - t) < 1e-9 and "within the seed-to-seed noise" in out["verdict"]  # t = 2.65 < 4.30

@@ -114,7 +114,9 @@ def _mean_std(values: list[float]) -> str:
 
 def paired(a: list[float | None], b: list[float | None]) -> dict | None:
     """The seed-by-seed differences a - b: mean, std, n, paired t and the verdict against seed noise."""
-    diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    # rounded: accuracies are multiples of 1/n_test, so a difference that is the same in every seed must
+    # give a spread of exactly 0 (not 1e-15 and a paired t of 1e15)
+    diffs = [round(x - y, 9) for x, y in zip(a, b) if x is not None and y is not None]
     if not diffs:
         return None
     n, mean = len(diffs), statistics.mean(diffs)
@@ -129,6 +131,9 @@ def paired(a: list[float | None], b: list[float | None]) -> dict | None:
         t = mean / (sd / math.sqrt(n))
     if mean == 0 and sd == 0:
         verdict = "identical in every seed"
+    elif sd == 0:
+        verdict = (f"the same difference in all {n} seeds: no seed-to-seed spread seen (paired t undefined; "
+                   f"more seeds would measure the noise)")
     elif abs(t) > crit:
         verdict = f"larger than the seed-to-seed noise (paired t = {t:.2f}, 95% needs abs(t) > {crit:.2f})"
     else:
