@@ -43,6 +43,7 @@ from torch import nn
 from ..errors import UserError
 from ..models.taps import FeatureTaps, Outputs
 from ..train.objective import Objective
+from ..train.trainer import param_groups
 from .base import Distiller, as_float, create_distiller
 
 
@@ -272,7 +273,8 @@ class MutualKDObjective(KDObjective):
     """Deep mutual learning: the teacher learns too (train mode), from the distiller's
     :meth:`teacher_loss`, stepped here by its own optimizer: ``teacher_optimizer(params)`` if given,
     else a copy of the trainer's optimizer (class and hyper-parameters, given by :meth:`bind_optimizer`)
-    whose learning rate follows the trainer's (scaled by the two optimizers' ratio at creation)."""
+    whose learning rate follows the trainer's (scaled by the two optimizers' ratio at creation) and whose
+    weight decay falls on the same kind of parameters (``train.weight_decay_on``)."""
 
     def __init__(self, teacher: nn.Module, distiller: Distiller,
                  teacher_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
@@ -302,7 +304,10 @@ class MutualKDObjective(KDObjective):
                 s = self._student_opt
                 kwargs = dict(s.defaults)
                 kwargs["lr"] = s.param_groups[0]["lr"]
-                self._t_opt = type(s)(params, **kwargs)
+                # the student's weight-decay rule (train.weight_decay_on) on the teacher's own layers
+                self._t_opt = type(s)(param_groups(params, getattr(s, "weight_decay_on", "all"), self.teacher),
+                                      **kwargs)
+                self._t_opt.weight_decay_on = getattr(s, "weight_decay_on", "all")
             else:
                 raise RuntimeError("DML trains the teacher: pass teacher_optimizer=... or call "
                                    "bind_optimizer(optimizer) before training")

@@ -70,17 +70,69 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # whose weights ``weight_decay_on=weights`` decays
+
+
+def check_fractions(values: Sequence[float] | None, key: str) -> None:
+    """UserError unless ``values`` (milestones as fractions of a run) are all in [0, 1]."""
+    if values is not None and any(not 0 <= float(m) <= 1 for m in values):
+        raise UserError(f"{key}={list(values)} must be fractions of the run's epochs in [0, 1], e.g. [0.3, 0.6, 0.8]")
+
+
+def layer_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of the convolution and linear layers of ``model`` (DoReFa's quantized layers included):
+    what ``train.weight_decay_on=weights`` decays; biases and BatchNorm parameters are not among them."""
+    return [m.weight for m in model.modules()
+            if isinstance(m, WEIGHT_LAYERS) and isinstance(getattr(m, "weight", None), nn.Parameter)]
+
+
+def param_groups(params, weight_decay_on: str, model: nn.Module | None = None) -> list:
+    """The optimizer's parameter groups: one group (every parameter decayed) for ``all``; for ``weights``
+    the conv / linear weights of ``model`` (:func:`layer_weights`) with the optimizer's weight decay and the
+    other parameters (biases, BatchNorm, an objective's extra parameters) with weight decay 0."""
+    params = list(params)
+    if weight_decay_on == "all":
+        return params
+    if weight_decay_on != "weights":
+        raise UserError(f"train.weight_decay_on={weight_decay_on!r} must be all or weights")
+    if model is None:
+        raise ValueError("weight_decay_on=weights needs the model whose conv / linear weights are decayed")
+    decayed = {id(p) for p in layer_weights(model)}
+    on = [p for p in params if id(p) in decayed]
+    off = [p for p in params if id(p) not in decayed]
+    return ([{"params": on}] if on else []) + ([{"params": off, "weight_decay": 0.0}] if off else [])
+
+
+def build_optimizer(params, cfg: TrainConfig, model: nn.Module | None = None) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or Adam (``eps = train.adam_eps``) over ``params`` with weight decay
+    ``train.weight_decay`` on every parameter, or (``train.weight_decay_on=weights``) on the conv / linear
+    weights of ``model`` only (:func:`param_groups`).
+
+    The optimizer's weight decay adds ``wd * w`` to the gradient, for SGD and for Adam alike (``torch.optim.
+    Adam``, not AdamW), before the momentum / moment estimates: the gradient of the L2 loss term
+    ``wd / 2 * ||w||^2``, which is what the authors' code adds to its loss (``tf.nn.l2_loss(w) * wd``, and
+    ``l2_loss`` is ``||w||^2 / 2``). The returned optimizer's ``weight_decay_on`` attribute records the
+    rule (DML's teacher copy follows it)."""
+    groups = param_groups(params, cfg.weight_decay_on, model)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                           weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                              weight_decay=cfg.weight_decay)
+    opt.weight_decay_on = cfg.weight_decay_on
+    return opt
 
 
 def lr_at(cfg: TrainConfig, epoch: int, epochs: int) -> float:
-    """Step schedule: ``lr * gamma ** (epoch // step)``, step = ``lr_step_frac`` of the epochs."""
-    step = max(1, int(round(cfg.lr_step_frac * epochs)))
-    return cfg.lr * cfg.lr_gamma ** (epoch // step)
+    """Step schedule ``lr * lr_gamma ** n`` at a 0-based epoch: ``n = epoch // step``, step = ``lr_step_frac``
+    of the epochs; or with ``lr_milestones``, ``n`` = the number of milestones ``m`` with ``epoch >=
+    int(m * epochs)`` (the authors' code: ``[0.3, 0.6, 0.8]``, ``kd_model.py`` ``_learning_rate_scheduler``)."""
+    if cfg.lr_milestones is not None:
+        check_fractions(cfg.lr_milestones, "train.lr_milestones")
+        n = sum(1 for m in cfg.lr_milestones if epoch >= int(float(m) * epochs))
+    else:
+        n = epoch // max(1, int(round(cfg.lr_step_frac * epochs)))
+    return cfg.lr * cfg.lr_gamma ** n
 
 
 class Trainer:
@@ -101,10 +153,11 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.step_model = torch.compile(model) if cfg.compile else model
+        check_fractions(cfg.lr_milestones, "train.lr_milestones")
         self.objective = objective or CrossEntropy()
         self.objective.setup(model, self.device)
         params = [p for p in model.parameters() if p.requires_grad] + list(self.objective.extra_parameters())
-        self.optimizer = build_optimizer(params, cfg)
+        self.optimizer = build_optimizer(params, cfg, model)
         self.objective.bind_optimizer(self.optimizer)
         self.policy_for_epoch = policy_for_epoch
         self.run_dir = Path(run_dir) if run_dir else None
