@@ -37,7 +37,7 @@ import yaml
 from torch import nn
 
 from .augment import BatchAugment, Schedule
-from .config import Config, dump_config
+from .config import Config, derive, dump_config
 from .data import DataBundle, DeviceLoader, Split, load_dataset, reduced_split
 from .distill import KDObjective, build_kd_objective, distiller_class
 from .errors import UserError
@@ -48,6 +48,7 @@ from .quant import quantize_model
 from .search import Search, finished_search, member_config, search_config
 from .search.ray_executor import probe_address
 from .train import NonFiniteLoss, Trainer, resolve_device
+from .train.trainer import check_fractions
 
 # keys that may differ between a run and its resumption (and ``out``: a run directory may be moved)
 _VOLATILE = {("train", "progress"), ("train", "device"), ("train", "threads"), ("search", "ray_address")}
@@ -174,6 +175,20 @@ def build_model(cfg: Config, num_classes: int, model_name: str | None = None, qu
     return model
 
 
+def set_batchnorm(model: nn.Module, momentum: float | None = None, eps: float | None = None) -> int:
+    """Set ``momentum`` and ``eps`` (None: keep the module's own) on every BatchNorm module of ``model``;
+    returns how many there are. TensorFlow's BatchNorm ``decay`` d is PyTorch's ``momentum`` 1 - d."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if momentum is not None:
+                m.momentum = float(momentum)
+            if eps is not None:
+                m.eps = float(eps)
+            n += 1
+    return n
+
+
 def channels_last(cfg: Config, device: torch.device) -> bool:
     return cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda")
 
@@ -209,14 +224,28 @@ def teacher_paths(cfg: Config) -> tuple[Path, str]:
     return weights, name or cfg.model.name
 
 
+def teacher_bn_eps(cfg: Config) -> float | None:
+    """The BatchNorm epsilon the teacher was trained with: ``train.bn_eps`` of its run directory's
+    ``config.yaml`` (None: the model's default), or for a weights file this config's ``train.bn_eps``."""
+    p = Path(cfg.kd.teacher).expanduser() if cfg.kd.teacher else None
+    if p is not None and p.is_dir() and (p / "config.yaml").is_file():
+        train = (yaml.safe_load((p / "config.yaml").read_text()) or {}).get("train") or {}
+        eps = train.get("bn_eps")
+        return float(eps) if eps is not None else None
+    return cfg.train.bn_eps
+
+
 def load_teacher(cfg: Config, num_classes: int, device: torch.device, session: Session
                  ) -> tuple[nn.Module, Path, str]:
-    """The frozen full-precision teacher of ``cfg.kd.teacher`` (one per session)."""
+    """The frozen full-precision teacher of ``cfg.kd.teacher`` (one per session), its BatchNorm epsilon
+    the one it was trained with (:func:`teacher_bn_eps`)."""
     weights, name = teacher_paths(cfg)
+    eps = teacher_bn_eps(cfg)
     st = weights.stat()
-    key = (str(weights.resolve()), st.st_mtime_ns, name, num_classes, str(device))
+    key = (str(weights.resolve()), st.st_mtime_ns, name, num_classes, str(device), eps)
     if key not in session.teachers:
         teacher = build_model(cfg, num_classes, model_name=name, quantize=False)
+        set_batchnorm(teacher, eps=eps)
         load_weights(teacher, weights, what="teacher checkpoint")
         teacher.to(device).eval().requires_grad_(False)
         session.teachers[key] = teacher
@@ -253,9 +282,11 @@ def build_objective(cfg: Config, bundle: DataBundle, train_loader: DeviceLoader,
     teacher, weights, _ = load_teacher(cfg, bundle.num_classes, device, session)
     if cls.trains_teacher:
         teacher = copy.deepcopy(teacher)  # it trains its own copy of the teacher
+        set_batchnorm(teacher, momentum=cfg.train.bn_momentum)  # with this run's BatchNorm momentum
     probe = train_loader.normalize(train_loader.images[:2]) if cls.needs_features else None
     objective = build_kd_objective(cls.from_config(kd), teacher, lam=kd.lam, lam_decay=kd.lam_decay,
-                                   lam_decay_every=kd.lam_decay_every, clip=kd.clip, clip_e0=kd.clip_e0,
+                                   lam_decay_every=kd.lam_decay_every, lam_milestones=kd.lam_milestones,
+                                   lam_gamma=kd.lam_gamma, clip=kd.clip, clip_e0=kd.clip_e0,
                                    clip_lam=kd.clip_lam, probe=probe)
     if objective.needs_prepare:
         # it depends only on the teacher, the method and the data (its own fixed shuffling seed), so it is
@@ -281,15 +312,18 @@ def build_objective(cfg: Config, bundle: DataBundle, train_loader: DeviceLoader,
 # ---------------------------------------------------------------------------------------- the trainer
 def build_trainer(cfg: Config, session: Session, run_dir: Path | None = None, policy_for_epoch=None,
                   log_name: str = "train", own_rng: bool = False) -> Trainer:
-    """The trainer of ``cfg``: data on the device, augmentation, model (from the teacher's weights when
-    ``kd.teacher`` is set and the architectures match), objective (KD when ``kd.method`` is set) and
-    the schedule's policy per epoch (or ``policy_for_epoch``)."""
+    """The trainer of ``cfg``: data on the device, augmentation, model (BatchNorm momentum / epsilon
+    ``train.bn_momentum`` / ``train.bn_eps`` when set; from the teacher's weights when ``kd.teacher`` is set
+    and the architectures match), objective (KD when ``kd.method`` is set) and the schedule's policy per
+    epoch (or ``policy_for_epoch``)."""
+    check_fractions(cfg.train.lr_milestones, "train.lr_milestones")
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     bundle = build_data(cfg, session)
     augment = build_augment(cfg, bundle)
     train_loader, eval_loaders = make_loaders(cfg, bundle, device, augment)
     model = build_model(cfg, bundle.num_classes)
+    set_batchnorm(model, cfg.train.bn_momentum, cfg.train.bn_eps)
     if cfg.kd.teacher and cfg.kd.init_from_teacher:
         init_student_from_teacher(cfg, model)
     objective = build_objective(cfg, bundle, train_loader, device, session) if cfg.kd.method else None
@@ -298,9 +332,18 @@ def build_trainer(cfg: Config, session: Session, run_dir: Path | None = None, po
                    run_dir=run_dir, log_name=log_name, own_rng=own_rng)
 
 
+def search_member_augment(cfg: Config) -> Config:
+    """A search member's config with its base Cutout side ``search.cutout`` (None: ``augment.cutout``
+    unchanged). The authors' searches ran without Cutout (``no_cutout: true``), their retraining with it."""
+    if cfg.search.cutout is None or cfg.search.cutout == cfg.augment.cutout:
+        return cfg
+    return derive(cfg, "search member", augment={"cutout": cfg.search.cutout})
+
+
 class MemberFactory:
     """Builds a search member's trainer (own random streams) from its member config, sharing the
-    session; in another process (a Ray actor) it starts a session of its own."""
+    session; in another process (a Ray actor) it starts a session of its own. A member's Cutout side is
+    ``search.cutout`` when set (:func:`search_member_augment`)."""
 
     def __init__(self, session: Session | None = None):
         self.session = session
@@ -308,8 +351,8 @@ class MemberFactory:
     def __call__(self, cfg: Config, index: int, policy_for_epoch) -> Trainer:
         if self.session is None:
             self.session = Session()
-        return build_trainer(cfg, self.session, policy_for_epoch=policy_for_epoch, log_name=f"member{index}",
-                             own_rng=True)
+        return build_trainer(search_member_augment(cfg), self.session, policy_for_epoch=policy_for_epoch,
+                             log_name=f"member{index}", own_rng=True)
 
     def __getstate__(self) -> dict:
         return {"session": None}
@@ -321,6 +364,8 @@ def check_config(cfg: Config, session: Session | None = None, files: bool = True
     ``session``: loaded, and the split sizes), the model (built on the meta device), the KD method and
     its options, and with ``files`` the schedule file and the teacher's weights (they exist, fit the
     teacher's model, are finite). One UserError line for the first problem."""
+    check_fractions(cfg.train.lr_milestones, "train.lr_milestones")
+    check_fractions(cfg.kd.lam_milestones, "kd.lam_milestones")
     num_classes = 10
     if session is not None:
         bundle = build_data(cfg, session)
