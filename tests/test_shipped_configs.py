@@ -1,9 +1,11 @@
 """Every config shipped with rolekd (configs/**.yaml and the embedded quickstart) is valid end to end.
 
-Loading validates the YAML; each pipeline stage's config is built as ``rolekd run`` builds it; every
-stage's network is built (on the meta device: shapes only, no memory) and, for the KD methods that
-compare feature maps (KD-SVD, MHGD, II-KD), the student's and teacher's taps are checked for the equal
-widths those methods need — the errors a user would otherwise meet hours into a run.
+Loading validates the YAML; each pipeline stage's config is built as ``rolekd run`` builds it and checked as
+a run checks it before its run directory is made; every stage's network is built (on the meta device: shapes
+only, no memory) and every KD stage's objective is built from the stage's ``kd`` section with the teacher and
+a probe batch, as the experiment layer builds it: for the methods that compare feature maps (KD-SVD, MHGD,
+II-KD) a channel adapter exactly for the taps whose widths differ (the paper's Table 4), after which every
+tap matches the teacher's width — the errors a user would otherwise meet hours into a run.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import pytest
 import torch
 
 from rolekd.config import load_config
-from rolekd.distill import list_distillers
+from rolekd.distill import build_kd_objective, distiller_class, list_distillers
+from rolekd.distill.adapter import channels
 from rolekd.distill.svd import check_taps
+from rolekd.experiment import check_config
 from rolekd.models import create
 from rolekd.models.taps import FeatureTaps
 from rolekd.pipeline.run import QUICKSTART, stage_configs
@@ -42,6 +46,18 @@ def _taps(model):
             taps.remove()
 
 
+def _objective(kd, student, teacher):
+    """The stage's KD objective (its method and options from ``kd``, a probe batch), set up on the meta device."""
+    cls = distiller_class(kd.method)
+    probe = torch.empty(2, 3, 32, 32, device="meta") if cls.needs_features else None
+    obj = build_kd_objective(cls.from_config(kd), teacher, lam=kd.lam, lam_decay=kd.lam_decay,
+                             lam_decay_every=kd.lam_decay_every, lam_milestones=kd.lam_milestones,
+                             lam_gamma=kd.lam_gamma, clip=kd.clip, clip_e0=kd.clip_e0, clip_lam=kd.clip_lam,
+                             probe=probe)
+    obj.setup(student, torch.device("meta"))
+    return obj
+
+
 def test_the_shipped_configs_are_found():
     names = {p.name for p in SHIPPED}
     assert {"gpu-mini.yaml", "table1.yaml", "table4.yaml", "quickstart.yaml"} <= names
@@ -57,16 +73,26 @@ def test_shipped_config_builds_every_stage(path, tmp_path):
         return
     stages = stage_configs(cfg, tmp_path)
     assert {"alpha_search", "teacher", "beta_search", "student"} <= set(stages)
-    teacher = _net(cfg.pipeline.teacher.model.name, cfg.pipeline.teacher.model.kwargs, classes)
     for name, sc in stages.items():
         assert sc.out == str(tmp_path / name)
+        check_config(sc, files=False)  # model, KD method and options, milestones: as a run checks them
         net = _net(sc.model.name, sc.model.kwargs, classes, sc.quant.w_bits, sc.quant.a_bits)
         method = sc.kd.method
         if method is None:
             continue
         assert method in list_distillers(), (name, method)
-        if method in FEATURE_METHODS:
-            check_taps(_taps(net), _taps(teacher), method)  # UserError if the widths differ
+        teacher = _net(cfg.pipeline.teacher.model.name, cfg.pipeline.teacher.model.kwargs, classes)
+        t_taps, s_taps = _taps(teacher), _taps(net)
+        obj = _objective(sc.kd, net, teacher)
+        try:
+            if method in FEATURE_METHODS:
+                # an adapter (C_teacher x C_student) exactly for the taps whose widths differ, none otherwise
+                differ = sorted((channels(t_taps[k]), channels(s_taps[k])) for k in t_taps
+                                if channels(t_taps[k]) != channels(s_taps[k]))
+                assert sorted(tuple(p.shape) for p in obj.extra_parameters()) == differ, (name, method)
+                check_taps(obj.distiller.adapter(s_taps), t_taps, method)  # UserError if a width still differs
+        finally:
+            obj.close()
 
 
 # each paper config, as shipped, reproduces these cells of its table (paper.yaml's `where`, the row and column
@@ -80,6 +106,8 @@ PAPER_ROWS = {
                                         ("vanilla/32", "stage_alpha/32", "vanilla/4", "stage_alpha/4", "only_iikd/4",
                                          "stage_beta/4")]),
     "table3.yaml": ("Table 3", ["row teacher_schedule, column resnet18/iikd", "row student_schedule, column resnet18/iikd"]),
+    "table4.yaml": ("Table 4", [f"row wrn_28_10 -> wrn_16_2, column {c}" for c in
+                                ("vanilla", "after_stage_alpha", "only_iikd", "after_stage_beta")]),
 }
 
 
@@ -107,3 +135,32 @@ def test_paper_config_reproduces_its_tables_rows_as_the_paper_defines_them(name,
                 # what the paper's definition of that row also fixes: the augmentation of a baseline, λ
                 assert (sc.augment.cutout == 0) == (st.schedule is None), (d, "baselines: crop + flip only")
     assert found == set(wanted), sorted(set(wanted) - found)
+
+
+# the paper's Table 4 pairs, as table4.yaml's header runs them (teacher, student)
+TABLE4_PAIRS = [("wrn_28_10", "wrn_16_2"), ("wrn_28_10", "wrn_16_4"), ("wrn_28_10", "preresnet56"),
+                ("preresnet164", "preresnet32"), ("pyramidnet_200_240", "preresnet44"),
+                ("pyramidnet_200_240", "wrn_16_2")]
+
+
+@pytest.mark.parametrize("teacher,student", TABLE4_PAIRS)
+def test_table4_distils_every_pair_with_iikd_through_channel_adapters(teacher, student, tmp_path):
+    cfg = load_config(ROOT / "configs" / "paper" / "table4.yaml",
+                      [f"pipeline.teacher.model={teacher}", f"pipeline.student.model={student}"])
+    stages = stage_configs(cfg, tmp_path)
+    kd_stages = {d: sc for d, sc in stages.items() if sc.kd.method}
+    assert set(kd_stages) == {"beta_search", "student", "only_kd"}
+    assert {"vanilla_student", "student_alpha"} <= set(stages)
+    t_net = _net(teacher, {}, 100)
+    for d, sc in kd_stages.items():
+        assert (sc.kd.method, sc.kd.lam, sc.quant.w_bits) == ("iikd", 0.4, 32), d
+        s_net = _net(student, {}, 100)
+        s_taps, t_taps = _taps(s_net), _taps(t_net)
+        obj = _objective(sc.kd, s_net, t_net)
+        try:
+            widths = {k: (channels(t_taps[k]), channels(s_taps[k])) for k in t_taps}
+            assert any(ct != cs for ct, cs in widths.values()), widths  # the pair really differs in width
+            assert sorted(tuple(p.shape) for p in obj.extra_parameters()) == sorted(
+                w for w in widths.values() if w[0] != w[1])
+        finally:
+            obj.close()
