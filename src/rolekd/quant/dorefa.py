@@ -66,17 +66,30 @@ class _WeightQuant(torch.autograd.Function):
     """k-bit DoReFa weights (2 <= k <= 8) in one node: forward ``(2 round(n r) - n) / n`` with
     ``r = tanh(w) / (2M) + 1/2``, ``M = max|tanh(w)|`` (levels exact, e.g. +-1/3 for 2 bits); backward the
     straight-through gradient of the un-rounded ``tanh(w) / M``, through ``tanh`` and ``M`` (``M``'s share
-    split evenly among tied maxima, as autograd's ``max``)."""
+    split evenly among tied maxima, as autograd's ``max``).
+
+    Written in the ``setup_context`` form with a generated vmap rule, so that under
+    :func:`torch.func.vmap` (the fused search executor's stacked members) every member's weight takes
+    its *own* maximum. ``forward`` also returns ``tanh(w)`` and ``M`` (non-differentiable) for the
+    backward; :func:`quantize_weight` returns the quantized weight only."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, n: float) -> torch.Tensor:
+    def forward(w: torch.Tensor, n: float):
         t = torch.tanh(w)
         m = t.abs().max().clamp_min(_M_FLOOR)  # all-zero weights: levels +-1/n, finite gradients
-        ctx.save_for_backward(t, m)
-        return (t / (2.0 * m)).add_(0.5).mul_(n).round_().mul_(2.0).sub_(n).div_(n)
+        return (t / (2.0 * m)).add_(0.5).mul_(n).round_().mul_(2.0).sub_(n).div_(n), t, m
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
+    def setup_context(ctx, inputs, output):
+        _, t, m = output
+        ctx.mark_non_differentiable(t, m)
+        ctx.set_materialize_grads(False)  # no zero gradients made for t and m
+        ctx.save_for_backward(t, m)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _g_t, _g_m):
         t, m = ctx.saved_tensors
         at_max = t.abs() == m
         g_m = -(g * t).sum() / m / m  # d/dM of sum(g * t / M)
@@ -87,12 +100,18 @@ class _WeightQuant(torch.autograd.Function):
 class _ActQuant(torch.autograd.Function):
     """k-bit DoReFa activations in one node: forward ``round(n clip(x, 0, 1)) / n``; backward the
     gradient of the clip (1 for ``0 <= x <= 1``, else 0) - the rounding is straight-through. Saves a
-    boolean mask only."""
+    boolean mask only. ``setup_context`` form with a generated vmap rule (see :class:`_WeightQuant`)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, n: float) -> torch.Tensor:
-        ctx.save_for_backward((x >= 0) & (x <= 1))
+    def forward(x: torch.Tensor, n: float) -> torch.Tensor:
         return torch.clamp(x, 0.0, 1.0).mul_(n).round_().div_(n)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _ = inputs
+        ctx.save_for_backward((x >= 0) & (x <= 1))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -108,7 +127,7 @@ def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 1:
         scale = w.detach().abs().mean()
         return (torch.sign(w) * scale).detach() + (w - w.detach())
-    return _WeightQuant.apply(w, float(2 ** bits - 1))
+    return _WeightQuant.apply(w, float(2 ** bits - 1))[0]
 
 
 def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
