@@ -92,6 +92,12 @@ class Outcome:
     def reward(self) -> float:
         return float(self.rows[-1]["val_acc"])
 
+    @classmethod
+    def of_rows(cls, rows: list[dict]) -> "Outcome":
+        """A round's outcome from its per-epoch metrics rows (their ``train_time_s`` and ``eval_s`` summed)."""
+        return cls(rows=rows, train_s=sum(r["train_time_s"] for r in rows),
+                   eval_s=sum(r.get("eval_s", 0.0) for r in rows))
+
 
 class Member:
     """One population member: a trainer built by the member factory, its policy and last good state."""
@@ -122,9 +128,7 @@ class Member:
         rule says (at least after the last epoch: the reward). Raises
         :class:`rolekd.train.NonFiniteLoss` on a NaN/inf loss."""
         self.policy = validate_policy(policy)
-        rows = self.trainer.run_epochs(int(epochs), splits=["val"], check_finite=True, progress=False)
-        return Outcome(rows=rows, train_s=sum(r["train_time_s"] for r in rows),
-                       eval_s=sum(r.get("eval_s", 0.0) for r in rows))
+        return Outcome.of_rows(self.trainer.run_epochs(int(epochs), splits=["val"], check_finite=True, progress=False))
 
     def evaluate(self, split: str = "test") -> dict:
         with self.trainer.rng_scope():
@@ -149,6 +153,11 @@ class Member:
         self.load_state(self.good, rng=True)
 
 
+def error_outcome(e: BaseException) -> Outcome:
+    """The failed :class:`Outcome` of a member stopped by ``e``."""
+    return Outcome(error=f"{type(e).__name__}: {e}")
+
+
 def run_member(member: Member, epochs: int, policy: Sequence[int]) -> Outcome:
     """Train one member, turning any failure except bad user input into a failed :class:`Outcome`."""
     try:
@@ -156,7 +165,7 @@ def run_member(member: Member, epochs: int, policy: Sequence[int]) -> Outcome:
     except UserError:
         raise
     except Exception as e:  # a member's failure must not stop the search
-        return Outcome(error=f"{type(e).__name__}: {e}")
+        return error_outcome(e)
 
 
 class LocalExecutor:

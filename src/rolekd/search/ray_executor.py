@@ -1,18 +1,23 @@
-"""The Ray executor: one Ray actor per member, driven by the same controller as the local executor.
+"""The Ray executor: members in Ray actors, driven by the same controller as the local executor.
 
-Each actor builds its :class:`~rolekd.search.members.Member` from the member config with the member
-factory (pickled to the actor) inside its own process (its own data, device and RNG), on the resources ``search.ray_num_cpus`` /
-``search.ray_num_gpus`` (fractions allowed, e.g. 0.25 GPU = four members per GPU). Members of a
-round train concurrently. Weights move through Ray's object store: an exploit passes the ObjectRef
-of the top member's ``get_state`` to the bottom member's ``set_state``, and the last good state of
-every member is kept as a driver-owned ObjectRef, so a member whose actor died is rebuilt and
-restored from it. Ray Core only; ``search.ray_address`` None starts a local Ray instance (shut down
+Each actor hosts a *group* of members: with ``search.ray_group_size`` G = 1 (the default) one member,
+trained as the local executor trains it; with G > 1 up to G consecutive members trained as one fused
+model (a :class:`~rolekd.search.fused.FusedExecutor` inside the actor, e.g. 64 members on 4 GPUs as 4
+groups of 16), so member logic has one code path whatever the executor. An actor builds its members
+from the member configs with the member factory (pickled to the actor) inside its own process (its
+own data, device and RNG), on the resources ``search.ray_num_cpus`` / ``search.ray_num_gpus`` *per
+member* times the group's size (fractions allowed, e.g. 0.25 GPU = four members per GPU). Groups of a
+round train concurrently. Weights move through Ray's object store: an exploit passes the ObjectRef of
+the top member's ``get_state`` to the bottom member's ``set_state``, and the last good state of every
+member is kept as a driver-owned ObjectRef, so the members of an actor that died are rebuilt and
+restored from them. Ray Core only; ``search.ray_address`` None starts a local Ray instance (shut down
 again at the end) unless Ray is already initialised in this process.
 
 A local instance gets the CPUs this process may run on (its affinity), not the machine's count. Each
-actor runs torch with ``train.threads`` threads (default: ``search.ray_num_cpus`` rounded down, at
-least 1, capped by this process's ``OMP_NUM_THREADS`` when set). Connecting to ``search.ray_address``
-is bounded by :data:`CONNECT_TIMEOUT_S`: an address that refuses or does not answer is one UserError.
+actor runs torch with ``train.threads`` threads (default: its CPUs, ``search.ray_num_cpus`` times the
+group size, rounded down, at least 1, capped by this process's ``OMP_NUM_THREADS`` when set).
+Connecting to ``search.ray_address`` is bounded by :data:`CONNECT_TIMEOUT_S`: an address that refuses
+or does not answer is one UserError.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import rolekd
 
 from ..config import Config, available_cpus
 from ..errors import UserError
-from .members import Member, MemberFactory, Outcome, run_member
+from .fused import FusedExecutor
+from .members import LocalExecutor, MemberFactory, Outcome
 
 
 def import_ray():
@@ -96,33 +102,35 @@ def _actor_class(ray):
     if _ACTOR_CLASS is not None:
         return _ACTOR_CLASS
 
-    class MemberActor:
-        """A member living in a Ray worker process."""
+    class GroupActor:
+        """A group of members living in a Ray worker process: a local executor of one member, or a fused
+        executor of several."""
 
-        def __init__(self, factory: MemberFactory, cfg_data: dict, index: int, threads: int | None):
+        def __init__(self, factory: MemberFactory, cfg_data: dict[int, dict], threads: int | None, fused: bool):
             import torch
 
             if threads:
                 torch.set_num_threads(int(threads))
-            self.member = Member(factory, Config.model_validate(cfg_data), index)
+            self.ex = FusedExecutor(factory) if fused else LocalExecutor(factory)
+            self.ex.start({int(i): Config.model_validate(c) for i, c in cfg_data.items()})
 
         def device(self) -> str:
-            return str(self.member.trainer.device)
+            return self.ex.device
 
-        def train(self, epochs: int, policy: Sequence[int]) -> Outcome:
-            return run_member(self.member, epochs, policy)
+        def train(self, policies: Mapping[int, Sequence[int]], epochs: int) -> dict[int, Outcome]:
+            return self.ex.train(policies, epochs)
 
-        def get_state(self) -> dict:
-            return self.member.state("cpu")
+        def get_state(self, index: int) -> dict:
+            return self.ex.members[index].state("cpu")
 
-        def set_state(self, state: dict, rng: bool) -> bool:
-            self.member.load_state(state, rng=rng)
+        def set_state(self, index: int, state: dict, rng: bool) -> bool:
+            self.ex.members[index].load_state(state, rng=rng)
             return True
 
-        def evaluate(self, split: str) -> dict:
-            return self.member.evaluate(split)
+        def evaluate(self, index: int, split: str) -> dict:
+            return self.ex.evaluate(index, split)
 
-    _ACTOR_CLASS = ray.remote(MemberActor)
+    _ACTOR_CLASS = ray.remote(GroupActor)
     return _ACTOR_CLASS
 
 
@@ -132,18 +140,22 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, factory: MemberFactory, address: str | None = None, num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, threads: int | None = None, init_kwargs: Mapping[str, Any] | None = None):
+                 num_gpus: float = 0.0, threads: int | None = None, init_kwargs: Mapping[str, Any] | None = None,
+                 group_size: int = 1):
         self.ray = import_ray()
         self.factory = factory
         self.address = address
         self.num_cpus = float(num_cpus)
         self.num_gpus = float(num_gpus)
-        self.threads = threads if threads is not None else self.default_threads(self.num_cpus)
+        self.group_size = max(1, int(group_size))
+        self.threads = threads if threads is not None else self.default_threads(self.num_cpus * self.group_size)
         self.init_kwargs = dict(init_kwargs or {})
         self.started_ray = False
-        self.actors: dict[int, Any] = {}
+        self.groups: list[list[int]] = []  # the members of each actor
+        self.group_of: dict[int, int] = {}
+        self.actors: dict[int, Any] = {}  # group -> actor
         self.configs: dict[int, dict] = {}
-        self.good: dict[int, Any] = {}  # index -> ObjectRef of the last good state
+        self.good: dict[int, Any] = {}  # member index -> ObjectRef of the last good state
 
     @staticmethod
     def default_threads(num_cpus: float) -> int:
@@ -156,7 +168,8 @@ class RayExecutor:
     @classmethod
     def from_config(cls, cfg: Config, factory: MemberFactory) -> "RayExecutor":
         s = cfg.search
-        return cls(factory, s.ray_address, s.ray_num_cpus, s.ray_num_gpus, threads=cfg.train.threads)
+        return cls(factory, s.ray_address, s.ray_num_cpus, s.ray_num_gpus, threads=cfg.train.threads,
+                   group_size=s.ray_group_size)
 
     # ------------------------------------------------------------------------------ lifecycle
     def _init_ray(self) -> None:
@@ -196,19 +209,26 @@ class RayExecutor:
             raise UserError(
                 f"the Ray cluster has {cpus:g} CPUs / {gpus:g} GPUs but {n} members x (search.ray_num_cpus="
                 f"{self.num_cpus:g}, search.ray_num_gpus={self.num_gpus:g}) need {need_c:g} / {need_g:g}; "
-                f"every member is a live actor: lower the per-member resources (fractions are allowed) "
+                f"every member lives in an actor: lower the per-member resources (fractions are allowed) "
                 f"or the population")
 
-    def _make_actor(self, index: int):
+    def _make_actor(self, group: int):
         cls = _actor_class(self.ray)
-        return cls.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0).remote(
-            self.factory, self.configs[index], index, self.threads)
+        ids = self.groups[group]
+        return cls.options(num_cpus=self.num_cpus * len(ids), num_gpus=self.num_gpus * len(ids), max_restarts=0).remote(
+            self.factory, {i: self.configs[i] for i in ids}, self.threads, self.group_size > 1)
+
+    def _actor(self, index: int):
+        return self.actors[self.group_of[index]]
 
     def start(self, configs: Mapping[int, Config]) -> None:
         self._init_ray()
         self._check_resources(len(configs))
         self.configs = {int(i): c.model_dump(mode="json") for i, c in configs.items()}
-        self.actors = {i: self._make_actor(i) for i in self.configs}
+        ids = sorted(self.configs)
+        self.groups = [ids[k:k + self.group_size] for k in range(0, len(ids), self.group_size)]
+        self.group_of = {i: g for g, members in enumerate(self.groups) for i in members}
+        self.actors = {g: self._make_actor(g) for g in range(len(self.groups))}
         self._get([a.device.remote() for a in self.actors.values()])  # surface build errors now
 
     def _get(self, refs):
@@ -241,15 +261,19 @@ class RayExecutor:
 
     # ------------------------------------------------------------------------------ executor API
     def train(self, policies: Mapping[int, Sequence[int]], epochs: int) -> dict[int, Outcome]:
-        refs = {int(i): self.actors[int(i)].train.remote(int(epochs), list(p)) for i, p in policies.items()}
+        by_group: dict[int, dict[int, list[int]]] = {}
+        for i, p in policies.items():
+            by_group.setdefault(self.group_of[int(i)], {})[int(i)] = list(p)
+        refs = {g: self.actors[g].train.remote(pols, int(epochs)) for g, pols in by_group.items()}
         out = {}
-        for i, ref in refs.items():
+        for g, ref in refs.items():
             try:
-                out[i] = self._get(ref)
+                out.update(self._get(ref))
             except UserError:
                 raise
-            except Exception as e:  # actor died, task error outside the member's own handling
-                out[i] = Outcome(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            except Exception as e:  # actor died, task error outside the members' own handling
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                out.update({i: Outcome(error=why) for i in by_group[g]})
         return out
 
     def exploit(self, pairs: Sequence[tuple[int, int]]) -> None:
@@ -257,39 +281,41 @@ class RayExecutor:
         done = []
         for src, dst in pairs:
             if src not in states:
-                states[src] = self.actors[src].get_state.remote()
-            done.append(self.actors[dst].set_state.remote(states[src], False))
+                states[src] = self._actor(src).get_state.remote(src)
+            done.append(self._actor(dst).set_state.remote(dst, states[src], False))
         self._get(done)
 
     def snapshot(self, ids: Sequence[int] | None = None) -> None:
-        for i in (self.actors if ids is None else ids):
-            self.good[i] = self.actors[i].get_state.remote()  # actor calls run in submission order
+        for i in (self.configs if ids is None else ids):
+            self.good[i] = self._actor(i).get_state.remote(i)  # actor calls run in submission order
 
     def restore(self, index: int) -> None:
         if index not in self.good:
             raise RuntimeError(f"member {index} has no saved state to restore")
         try:
-            self._get(self.actors[index].set_state.remote(self.good[index], True))
+            self._get(self._actor(index).set_state.remote(index, self.good[index], True))
         except UserError:
             raise
-        except Exception:  # the actor is gone: rebuild it, then restore
+        except Exception:  # the actor is gone: rebuild it, then restore all of its members
+            g = self.group_of[index]
             try:
-                self.ray.kill(self.actors[index])
+                self.ray.kill(self.actors[g])
             except Exception:
                 pass
-            self.actors[index] = self._make_actor(index)
-            self._get(self.actors[index].set_state.remote(self.good[index], True))
+            self.actors[g] = self._make_actor(g)
+            self._get([self.actors[g].set_state.remote(i, self.good[i], True) for i in self.groups[g]
+                       if i in self.good])
 
     def saved_states(self, ids: Sequence[int] | None = None) -> dict[int, dict]:
-        ids = list(self.actors if ids is None else ids)
+        ids = list(self.configs if ids is None else ids)
         missing = [i for i in ids if i not in self.good]
         if missing:
             self.snapshot(missing)
         return dict(zip(ids, self._get([self.good[i] for i in ids])))
 
     def load_states(self, states: Mapping[int, dict]) -> None:
-        self._get([self.actors[int(i)].set_state.remote(s, True) for i, s in states.items()])
+        self._get([self._actor(int(i)).set_state.remote(int(i), s, True) for i, s in states.items()])
         self.snapshot([int(i) for i in states])
 
     def evaluate(self, index: int, split: str = "test") -> dict:
-        return self._get(self.actors[index].evaluate.remote(split))
+        return self._get(self._actor(index).evaluate.remote(index, split))

@@ -45,6 +45,8 @@ from ..config import Config, derive
 from ..errors import UserError
 from ..files import atomic_write, fsync_dir, load_state, read_summary, save_state, save_tensors
 from ..plots import plot_rewards, plot_schedule
+from ..train import resolve_device
+from .fused import FusedExecutor, fused_unsupported
 from .members import LocalExecutor, MemberFactory, Outcome, member_config
 from .pbt import PBTController, policy_string
 from .ray_executor import RayExecutor
@@ -56,20 +58,41 @@ REWARD_FIELDS = ["epoch", "member", "val_acc", "val_loss", "train_loss", "train_
 RoundHook = Callable[[dict], None]
 
 
+def executor_kind(cfg: Config) -> str:
+    """The executor ``search.executor`` names: ``auto`` is ``fused`` on CUDA, ``local`` on CPU."""
+    kind = cfg.search.executor
+    if kind == "auto":
+        return "fused" if resolve_device(cfg.train.device).type == "cuda" else "local"
+    return kind
+
+
 def make_executor(cfg: Config, factory: MemberFactory):
-    if cfg.search.executor == "ray":
+    kind = executor_kind(cfg)
+    if kind == "ray":
         return RayExecutor.from_config(cfg, factory)
+    if kind == "fused":
+        # auto: members that cannot be fused train one after another (a note), never an error
+        return FusedExecutor(factory, fallback=cfg.search.executor == "auto")
     return LocalExecutor(factory)
 
 
 def search_config(cfg: Config) -> Config:
-    """The config a search runs with: ``data.split=reduced``; role ``student`` checked."""
+    """The config a search runs with: ``data.split=reduced``; role ``student`` checked, and that an
+    explicitly fused search (``search.executor=fused``, or Ray groups of ``search.ray_group_size`` > 1)
+    can be fused."""
     if cfg.search.role == "student":
         if not cfg.kd.teacher:
             raise UserError("search role=student needs the frozen teacher: pass teacher=RUN_DIR (a finished "
                             "teacher run) or teacher=FILE.safetensors")
         if not cfg.kd.method:
             raise UserError("search role=student needs a KD method: pass method=soft|dml|rkd|kdsvd|mhgd|iikd")
+    s = cfg.search
+    if s.executor == "fused" or (s.executor == "ray" and s.ray_group_size > 1):
+        why = fused_unsupported(cfg)
+        if why:
+            how = "search.executor=local" if s.executor == "fused" else "search.ray_group_size=1"
+            raise UserError(f"search.executor={s.executor}{'' if s.executor == 'fused' else ' with fused groups'}: "
+                            f"{why}; use {how}")
     return derive(cfg, "search config", data={"split": "reduced"})
 
 
