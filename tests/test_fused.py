@@ -124,6 +124,23 @@ def test_fused_student_search_equals_the_local_one(teacher, tmp_path, method, lr
     assert all(r["train_kd_loss"] for r in rows(tmp_path / "fused").values())
 
 
+@pytest.mark.slow
+def test_fused_students_train_their_own_channel_adapters(tmp_path):
+    """KD-SVD from a WRN-10-2 to WRN-10-1 students: each member's 1x1 adapter (the distiller's own
+    parameters, outside the stacked model) gets its member's unclipped KD gradient, as in the local run."""
+    teacher = tmp_path / "teacher"
+    train_from_config(load_config(None, ["model.name=wrn_10_2", "data.name=cifar10-sample", "data.split=reduced",
+                                         "data.train_size=128", "data.val_size=64", "train.batch_size=64",
+                                         "train.epochs=1", "train.progress=false", "train.device=cpu",
+                                         f"out={teacher}"]))
+    extra = ["model.name=wrn_10_1", "data.train_size=64", "data.val_size=128", "train.batch_size=32",
+             "train.eval_batch_size=128", "search.role=student", f"kd.teacher={teacher}", "kd.teacher_model=wrn_10_2",
+             "kd.method=kdsvd"]
+    for ex in ("local", "fused"):
+        search_from_config(config(tmp_path / ex, f"search.executor={ex}", *extra), verbose=False)
+    assert_same_search(tmp_path / "local", tmp_path / "fused")
+
+
 def test_a_resumed_fused_search_equals_an_uninterrupted_one(fused_reference, tmp_path):
     class Stop(Exception):
         pass
