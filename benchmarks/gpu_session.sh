@@ -6,7 +6,11 @@
 #   (see the device README); then run it with carry [".gpu", ".whl"] and timeout_s 600.
 # Modes: (none) = what the open issues still need, in order of priority, within one 600 s call: the KD step
 #   bench (issue 4), the batch-512 augmentation share (issue 3), the gpu-mini pipeline (issue 6, its report
-#   as a tarball); `bench` = loader / augment / train smoke / compile / KD benches; `mini` = the pipeline only.
+#   as a tarball); `bench` = loader / augment / train smoke / compile / KD benches; `mini` = the pipeline only;
+#   `search` = issue 14's search throughput: 16 WRN-40-2 members x 9 epochs (3 rounds) on the reduced 4,000 / 46,000
+#   split with the fused and the local executor, then 16 4-bit ResNet18 II-KD students fused (one round);
+#   `search-more` = the same WRN search fused with torch.compile, Ray with 1/16 GPU per member, Ray fused groups of 4
+#   (Ray is not in the GPU image; without a Ray wheel in .whl those rows come back as errors in search_ray.json).
 set -u
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -19,6 +23,20 @@ mini() {
   tar czf $OUT/gpu_mini.tar.gz --exclude=checkpoint --exclude='*.safetensors' --exclude=search_state -C /tmp gm
 }
 if [ "${1:-}" = mini ]; then mini 560; exit 0; fi
+WRN_SEARCH="--device cuda --data-path .gpu/cifar10_jpeg.npz --model wrn_40_2 --population 16 --epochs 9 --interval 3"
+if [ "${1:-}" = search ]; then
+  step 300 search_wrn python3 benchmarks/bench_search.py $WRN_SEARCH --executors fused local --quiet --out $OUT/search_wrn.json
+  step 250 search_iikd python3 benchmarks/bench_search.py --device cuda --data-path .gpu/cifar10_jpeg.npz --model resnet18 \
+    --population 16 --epochs 3 --interval 3 --student iikd --w-bits 4 --a-bits 4 --prepare-epochs 10 --executors fused \
+    --quiet --out $OUT/search_iikd.json
+  exit 0
+fi
+if [ "${1:-}" = search-more ]; then
+  step 200 search_compile python3 benchmarks/bench_search.py $WRN_SEARCH --executors fused+compile --quiet --out $OUT/search_compile.json
+  step 350 search_ray python3 benchmarks/bench_search.py $WRN_SEARCH --executors ray ray-groups --ray-group-size 4 \
+    --ray-num-cpus 0.9 --quiet --out $OUT/search_ray.json
+  exit 0
+fi
 if [ "${1:-}" != bench ]; then
   step 100 kd python3 benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --unclipped iikd --out $OUT/kd.json
   step 60 augment python3 benchmarks/bench_augment.py --device cuda --batch 4096 --train-step --out $OUT/augment.json
