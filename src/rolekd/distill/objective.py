@@ -150,7 +150,7 @@ class KDObjective(Objective):
         self.teacher.eval()
         try:
             with torch.no_grad():
-                t_out = _as_float(self._forward_teacher(images))
+                t_out = _as_float(self.forward_teacher(images))
                 s_out = _as_float(self._forward_student(base, images))
         finally:
             base.train(was_training)
@@ -193,7 +193,8 @@ class KDObjective(Objective):
             return self._student_taps(model)(images)
         return Outputs(model(images))
 
-    def _forward_teacher(self, images: torch.Tensor) -> Outputs:
+    def forward_teacher(self, images: torch.Tensor) -> Outputs:
+        """The frozen teacher's outputs (with the taps the distiller reads); the caller sets no_grad/autocast."""
         if self._t_taps is not None:
             return self._t_taps(images)
         return Outputs(self.teacher(images))
@@ -204,52 +205,52 @@ class KDObjective(Objective):
         if self.teacher.training:
             self.teacher.eval()
         with torch.no_grad(), ctx.autocast():
-            t_out = self._forward_teacher(images)
+            t_out = self.forward_teacher(images)
         with ctx.autocast():
             s_out = self._forward_student(model, images)
         return t_out, s_out
 
-    def train_step(self, model, images, labels, ctx):
-        lam = self.lam_at(ctx.epoch, ctx.epochs)
-        self._epochs = ctx.epochs
-        d = self.distiller
-        t_out, s_out = self._teacher_outputs(model, images, labels, ctx, lam)
+    def step_losses(self, s_out: Outputs, t_out: Outputs, labels: torch.Tensor, epoch: int, epochs: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor]]:
+        """(task loss, unweighted KD loss, λ, metrics) of one step from the student's and the teacher's
+        outputs (the fused search executor calls it per member)."""
+        lam = self.lam_at(epoch, epochs)
         s_out, t_out = _as_float(s_out), _as_float(t_out)
         task = F.cross_entropy(s_out.logits, labels)
-        kd = d(s_out, t_out, labels)
-        kd_w = kd * lam
-        self._backward(model, task, kd, lam, ctx.epoch)
-        metrics = {"loss": (task + kd_w).detach(), "task_loss": task.detach(), "kd_loss": kd.detach(),
+        kd = self.distiller(s_out, t_out, labels)
+        metrics = {"loss": (task + kd * lam).detach(), "task_loss": task.detach(), "kd_loss": kd.detach(),
                    "lam": torch.full((), lam, device=task.device)}
-        for name, value in d.terms().items():
+        for name, value in self.distiller.terms().items():
             metrics[f"kd_{name}"] = value
-        return s_out.logits.detach(), metrics
+        return task, kd, lam, metrics
+
+    def train_step(self, model, images, labels, ctx):
+        self._epochs = ctx.epochs
+        t_out, s_out = self._teacher_outputs(model, images, labels, ctx, self.lam_at(ctx.epoch, ctx.epochs))
+        task, kd, lam, metrics = self.step_losses(s_out, t_out, labels, ctx.epoch, ctx.epochs)
+        self._backward(model, task, kd, lam, ctx.epoch)
+        return s_out.logits.float().detach(), metrics
+
+    def clips(self, kd: torch.Tensor) -> bool:
+        """Whether this step's KD gradient is clipped (then task and KD gradients are taken apart)."""
+        authors = self.clip_lam == "authors"
+        return bool(self.clip_kd_grad and kd.requires_grad and (authors or float(self.lam)))
+
+    def kd_grad_loss(self, kd: torch.Tensor, lam: float) -> torch.Tensor:
+        """The loss whose gradient is clipped: λ·KD (the paper's reading) or KD itself (the authors' code)."""
+        return kd if self.clip_lam == "authors" else kd * lam
 
     def _backward(self, model: nn.Module, task: torch.Tensor, kd: torch.Tensor, lam: float, epoch: int) -> None:
-        authors = self.clip_lam == "authors"
-        if not self.clip_kd_grad or not kd.requires_grad or (not authors and not float(self.lam)):
+        if not self.clips(kd):
             (task + kd * lam).backward()
             return
         params = [p for p in model.parameters() if p.requires_grad]
         extra = [p for p in self.distiller.parameters() if p.requires_grad]
         g_task = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
-        # the clipped gradient: of λ·KD (the paper's reading) or of KD itself (the authors' code)
-        g_kd = torch.autograd.grad(kd if authors else kd * lam, params + extra, allow_unused=True)
-        factor = clip_factor(epoch, self.clip_e0)
-        # tf.clip_by_norm per parameter, batched over all parameters (few kernel launches on a GPU)
-        pairs = [(p, gt, gk) for p, gt, gk in zip(params, g_task, g_kd[:len(params)]) if gk is not None]
-        for p, gt, gk in zip(params, g_task, g_kd[:len(params)]):
-            if gk is None and gt is not None:
-                _accumulate(p, gt)
-        if pairs:
-            ps, gts, gks = zip(*pairs)
-            gts = [gt if gt is not None else torch.zeros_like(gk) for gt, gk in zip(gts, gks)]
-            bound = torch.stack(torch._foreach_norm(gts)) * factor
-            norm = torch.stack(torch._foreach_norm(list(gks)))
-            scale = bound / torch.maximum(norm, bound).clamp_min(1e-30)
-            grads = torch._foreach_add(gts, torch._foreach_mul(list(gks), list(scale.unbind())))
-            for p, g in zip(ps, grads):
-                _accumulate(p, g)
+        g_kd = torch.autograd.grad(self.kd_grad_loss(kd, lam), params + extra, allow_unused=True)
+        grads = clip_sum(g_task, g_kd[:len(params)], clip_factor(epoch, self.clip_e0))
+        for p, g in zip(params, grads):
+            _accumulate(p, g)
         for p, gk in zip(extra, g_kd[len(params):]):  # the distiller's own trainable parts: unclipped
             _accumulate(p, gk)
 
@@ -322,7 +323,7 @@ class MutualKDObjective(KDObjective):
         if not self.teacher.training:
             self.teacher.train()
         with ctx.autocast():
-            t_out = self._forward_teacher(images)
+            t_out = self.forward_teacher(images)
             s_out = self._forward_student(model, images)
         opt = self._teacher_optim()
         if self._student_opt is not None:
@@ -351,6 +352,31 @@ class MutualKDObjective(KDObjective):
                     self._t_opt.load_state_dict(opt_state)
                 else:
                     self._pending_t_opt_state = opt_state
+
+
+def clip_sum(g_task: Sequence[torch.Tensor | None], g_kd: Sequence[torch.Tensor | None], factor: float,
+             rows: bool = False) -> list[torch.Tensor | None]:
+    """Per parameter tensor: ``g_task + g_kd * min(1, ||g_task|| * factor / ||g_kd||)`` -- the KD gradient
+    clipped to the task gradient's norm (``tf.clip_by_norm`` per variable, as KD-SVD's code). ``rows=True``:
+    the first dimension indexes independent networks (the fused search's members), each clipped on its
+    own row. Batched over all tensors (few kernel launches on a GPU)."""
+    out = list(g_task)
+    idx = [i for i, gk in enumerate(g_kd) if gk is not None]
+    if not idx:
+        return out
+    gks = [g_kd[i] for i in idx]
+    gts = [g_task[i] if g_task[i] is not None else torch.zeros_like(g_kd[i]) for i in idx]
+    if rows:
+        bound = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in gts]) * factor  # (T, R)
+        norm = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in gks])
+    else:
+        bound = torch.stack(torch._foreach_norm(gts)) * factor
+        norm = torch.stack(torch._foreach_norm(gks))
+    scale = bound / torch.maximum(norm, bound).clamp_min(1e-30)
+    scales = [sc.view(-1, *([1] * (g.dim() - 1))) if rows else sc for sc, g in zip(scale.unbind(), gks)]
+    for i, g in zip(idx, torch._foreach_add(gts, torch._foreach_mul(gks, scales))):
+        out[i] = g
+    return out
 
 
 def _accumulate(p: nn.Parameter, g: torch.Tensor | None) -> None:

@@ -48,7 +48,6 @@ operations inside the network's forward (dropout) draw from the process's stream
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Mapping, Sequence
 
@@ -60,10 +59,10 @@ from torch.func import functional_call, vmap
 from ..augment.space import validate_policy
 from ..config import Config
 from ..distill.base import as_float, distiller_class
-from ..distill.objective import KDObjective, clip_factor
+from ..distill.objective import KDObjective, clip_factor, clip_sum
 from ..errors import UserError
 from ..models.taps import FeatureTaps, Outputs
-from ..train import CrossEntropy, NonFiniteLoss, Trainer
+from ..train import CrossEntropy, EpochSums, Trainer
 from .members import LocalExecutor, Member, MemberFactory, Outcome, error_outcome
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -156,51 +155,6 @@ def _outputs(out: Mapping[str, torch.Tensor], j: int) -> Outputs:
     return Outputs(as_float(out["logits"][j]),
                    {k[len("feature:"):]: as_float(v[j]) for k, v in out.items() if k.startswith("feature:")},
                    None if emb is None else as_float(emb[j]))
-
-
-def _diverged(trainer: Trainer, epoch: int, what: str) -> str:
-    """The failed outcome's error of a member that diverged in ``epoch`` (the local executor's wording)."""
-    return error_outcome(NonFiniteLoss(f"{trainer.log_name}: training diverged in epoch {epoch + 1}/{trainer.epochs} "
-                                       f"({what})")).error
-
-
-def _clipped(gt: torch.Tensor | None, gk: torch.Tensor | None, factor: float) -> torch.Tensor | None:
-    """Stacked rows of ``grad(task) + clip(grad(KD))``, clipped per row (member) to ``||grad(task)|| * factor``
-    (:meth:`KDObjective._backward`'s rule, one parameter tensor at a time)."""
-    if gk is None:
-        return gt
-    if gt is None:
-        gt = torch.zeros_like(gk)
-    bound = torch.linalg.vector_norm(gt.flatten(1), dim=1) * factor
-    norm = torch.linalg.vector_norm(gk.flatten(1), dim=1)
-    scale = bound / torch.maximum(norm, bound).clamp_min(1e-30)
-    return gt + gk * scale.view(-1, *([1] * (gk.dim() - 1)))
-
-
-class _EpochSums:
-    """One member's running metrics of an epoch, summed as :meth:`Trainer.train_epoch` sums them."""
-
-    def __init__(self, device: torch.device):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.correct = torch.zeros((), device=device)
-        self.seen = 0
-
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, metrics: Mapping[str, torch.Tensor]) -> None:
-        n = labels.shape[0]
-        self.seen += n
-        self.correct += (logits.argmax(1) == labels).sum()
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach().float() * n
-
-    def row(self, epoch: int, lr: float, elapsed: float) -> dict:
-        seen = max(self.seen, 1)
-        row = {"epoch": epoch, "lr": lr, "train_acc": float(self.correct) / seen, "train_time_s": elapsed,
-               "train_img_per_s": self.seen / max(elapsed, 1e-9)}
-        for k, v in self.sums.items():
-            row[f"train_{k}"] = float(v) / seen
-        if not all(math.isfinite(row[f"train_{k}"]) for k in self.sums):
-            row["nonfinite"] = True
-        return row
 
 
 class FusedExecutor(LocalExecutor):
@@ -296,21 +250,14 @@ class FusedExecutor(LocalExecutor):
         a, n = self.row[group[0].index], len(group)
         start = ts[0].epoch
         end = min(ts[0].epochs, start + k)
-        every = max(1, int(ts[0].cfg.eval_every))
         rows: list[list[dict]] = [[] for _ in group]
         errors: list[str | None] = [None] * n
         for epoch in range(start, end):
             live = [j for j in range(n) if errors[j] is None]
             if not live:
                 break
-            lrs = {}
-            for j in live:
-                t = ts[j]
-                lrs[j] = t._set_lr()
-                t._set_policy()
-                t.objective.on_epoch_start(t.epoch, t.epochs)
-                t.model.train()
-            sums = [_EpochSums(t.device) for t in ts]
+            lrs = {j: ts[j].begin_epoch() for j in live}
+            sums = [EpochSums(t.device) for t in ts]
             t0 = time.perf_counter()
             self._train_epoch(ts, a, epoch, sums, errors)
             share = (time.perf_counter() - t0) / n
@@ -320,13 +267,13 @@ class FusedExecutor(LocalExecutor):
                 t = ts[j]
                 row = sums[j].row(epoch, lrs[j], share)
                 t.epoch += 1
-                loss_ok = not row.get("nonfinite") and math.isfinite(row.get("train_loss", 0.0))
-                if not loss_ok or not t.weights_finite():
-                    errors[j] = _diverged(t, epoch, "non-finite training loss" if not loss_ok else "non-finite weights")
+                what = t.nonfinite(row)
+                if what is not None:
+                    errors[j] = error_outcome(t.divergence(epoch, what)).error
                     continue
                 rows[j].append(row)
             live = [j for j in range(n) if errors[j] is None]
-            if live and ((epoch + 1) % every == 0 or epoch + 1 == end):
+            if live and ts[live[0]].eval_due(end):
                 t1 = time.perf_counter()
                 results = self._evaluate_rows(ts, a, n, "val")
                 share = (time.perf_counter() - t1) / n
@@ -336,7 +283,7 @@ class FusedExecutor(LocalExecutor):
         return {m.index: Outcome(error=errors[j]) if errors[j] is not None else Outcome.of_rows(rows[j])
                 for j, m in enumerate(group)}
 
-    def _train_epoch(self, ts: list[Trainer], a: int, epoch: int, sums: list[_EpochSums],
+    def _train_epoch(self, ts: list[Trainer], a: int, epoch: int, sums: list[EpochSums],
                      errors: list[str | None]) -> None:
         """One epoch of every live member of a group (rows ``a ..``), step by step in lockstep."""
         n = len(ts)
@@ -367,7 +314,7 @@ class FusedExecutor(LocalExecutor):
             if self._shared_teacher:
                 obj = ts[live[0]].objective
                 obj.teacher.eval()
-                out = obj._forward_teacher(x.flatten(0, 1))
+                out = obj.forward_teacher(x.flatten(0, 1))
                 split = {"logits": out.logits.unflatten(0, (n, b)),
                          **{"feature:" + k: v.unflatten(0, (n, b)) for k, v in out.features.items()}}
                 if out.embedding is not None:
@@ -377,14 +324,14 @@ class FusedExecutor(LocalExecutor):
             for j in live:
                 obj = ts[j].objective
                 obj.teacher.eval()
-                out = obj._forward_teacher(x[j])
+                out = obj.forward_teacher(x[j])
                 res[j] = _outputs({"logits": out.logits[None],
                                    **{"feature:" + k: v[None] for k, v in out.features.items()},
                                    **({"embedding": out.embedding[None]} if out.embedding is not None else {})}, 0)
             return res
 
     def _step(self, ts: list[Trainer], a: int, epoch: int, x: torch.Tensor, y: torch.Tensor, live: list[int],
-              sums: list[_EpochSums], errors: list[str | None]) -> list[int]:
+              sums: list[EpochSums], errors: list[str | None]) -> list[int]:
         """Forward and backward of one stacked batch; hands each live member its gradient. Returns the
         members whose optimizer should step."""
         n = len(ts)
@@ -401,27 +348,23 @@ class FusedExecutor(LocalExecutor):
             try:
                 losses[j] = self._member_loss(t, s_out, teacher.get(j), y[j], epoch)
             except torch.linalg.LinAlgError as e:
-                what = "non-finite weights" if not t.weights_finite() else "a numerical failure"
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                errors[j] = _diverged(t, epoch, f"{what}: {msg if len(msg) <= 160 else msg[:157] + '...'}")
+                errors[j] = error_outcome(t.numerical_failure(epoch, e)).error
         ok = sorted(losses)
         if not ok:
             return []
         names = self.stack.grad_names
         extras = [list(ts[j].objective.extra_parameters()) for j in ok]
         flat_extras = [p for e in extras for p in e]
-        clip = kd_role and self._clips(obj0, losses[ok[0]][1])
+        clip = kd_role and obj0.clips(losses[ok[0]][1])
         if not clip:
             total = sum(task if kd is None else task + kd * lam for task, kd, lam, _ in losses.values())
             grads = torch.autograd.grad(total, leaves + flat_extras, allow_unused=True)
             g_rows, g_extra = grads[:len(names)], grads[len(names):]
         else:
-            authors = obj0.clip_lam == "authors"
             g_task = torch.autograd.grad(sum(losses[j][0] for j in ok), leaves, retain_graph=True, allow_unused=True)
-            g_kd = torch.autograd.grad(sum(kd if authors else kd * lam for _, kd, lam, _ in losses.values()),
+            g_kd = torch.autograd.grad(sum(obj0.kd_grad_loss(kd, lam) for _, kd, lam, _ in losses.values()),
                                        leaves + flat_extras, allow_unused=True)
-            factor = clip_factor(epoch, obj0.clip_e0)
-            g_rows = [_clipped(gt, gk, factor) for gt, gk in zip(g_task, g_kd[:len(names)])]
+            g_rows = clip_sum(g_task, g_kd[:len(names)], clip_factor(epoch, obj0.clip_e0), rows=True)
             g_extra = g_kd[len(names):]
         g_extra = iter(g_extra)
         for j, member_extras in zip(ok, extras):
@@ -436,12 +379,6 @@ class FusedExecutor(LocalExecutor):
         return ok
 
     @staticmethod
-    def _clips(obj: KDObjective, kd: torch.Tensor) -> bool:
-        """Whether :meth:`KDObjective._backward` clips the KD gradient (two backward passes)."""
-        authors = obj.clip_lam == "authors"
-        return obj.clip_kd_grad and kd.requires_grad and (authors or bool(float(obj.lam)))
-
-    @staticmethod
     def _member_loss(t: Trainer, s_out: Outputs, t_out: Outputs | None, labels: torch.Tensor, epoch: int
                      ) -> tuple[torch.Tensor, torch.Tensor | None, float, dict[str, torch.Tensor]]:
         """(task loss, KD loss or None, λ, metrics) of one member's step, as its objective computes them."""
@@ -449,14 +386,7 @@ class FusedExecutor(LocalExecutor):
         if not isinstance(obj, KDObjective):  # CrossEntropy
             loss = F.cross_entropy(s_out.logits, labels)
             return loss, None, 0.0, {"loss": loss.detach()}
-        lam = obj.lam_at(epoch, t.epochs)
-        task = F.cross_entropy(s_out.logits, labels)
-        kd = obj.distiller(s_out, t_out, labels)
-        metrics = {"loss": (task + kd * lam).detach(), "task_loss": task.detach(), "kd_loss": kd.detach(),
-                   "lam": torch.full((), lam, device=task.device)}
-        for name, value in obj.distiller.terms().items():
-            metrics[f"kd_{name}"] = value
-        return task, kd, lam, metrics
+        return obj.step_losses(s_out, t_out, labels, epoch, t.epochs)
 
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()

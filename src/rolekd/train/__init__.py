@@ -2,7 +2,7 @@
 training; what a step optimises (objectives); metrics logs."""
 
 from .objective import CrossEntropy, Objective, StepContext
-from .trainer import NonFiniteLoss, Trainer, build_optimizer, lr_at, resolve_device
+from .trainer import EpochSums, NonFiniteLoss, Trainer, build_optimizer, lr_at, resolve_device
 
-__all__ = ["Trainer", "NonFiniteLoss", "Objective", "CrossEntropy", "StepContext", "build_optimizer", "lr_at",
+__all__ = ["Trainer", "EpochSums", "NonFiniteLoss", "Objective", "CrossEntropy", "StepContext", "build_optimizer", "lr_at",
            "resolve_device"]

@@ -135,6 +135,39 @@ def lr_at(cfg: TrainConfig, epoch: int, epochs: int) -> float:
     return cfg.lr * cfg.lr_gamma ** n
 
 
+class EpochSums:
+    """An epoch's running training metrics: each step's metrics weighted by its batch size, correct
+    predictions and images seen; :meth:`row` is the epoch's metrics row. (One per trainer epoch; the fused
+    search executor keeps one per member.)"""
+
+    def __init__(self, device: torch.device):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.correct = torch.zeros((), device=device)
+        self.seen = 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        n = labels.shape[0]
+        self.seen += n
+        self.correct += (logits.argmax(1) == labels).sum()
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float() * n
+
+    def mean(self, key: str) -> float:
+        return float(self.sums[key]) / max(self.seen, 1) if key in self.sums else float("nan")
+
+    def row(self, epoch: int, lr: float, elapsed: float) -> dict:
+        """The metrics row: ``epoch``, ``lr``, ``train_acc``, ``train_<metric>`` means, timing; ``nonfinite``
+        when a mean is not finite."""
+        seen = max(self.seen, 1)
+        row = {"epoch": epoch, "lr": lr, "train_acc": float(self.correct) / seen, "train_time_s": elapsed,
+               "train_img_per_s": self.seen / max(elapsed, 1e-9)}
+        for k, v in self.sums.items():
+            row[f"train_{k}"] = float(v) / seen
+        if not all(math.isfinite(row[f"train_{k}"]) for k in self.sums):
+            row["nonfinite"] = True
+        return row
+
+
 class Trainer:
     def __init__(self, model: nn.Module, train_loader: DeviceLoader, cfg: TrainConfig,
                  eval_loaders: dict[str, DeviceLoader] | None = None, objective: Objective | None = None,
@@ -208,17 +241,21 @@ class Trainer:
         if self.policy_for_epoch is not None and aug is not None and hasattr(aug, "set_policy"):
             aug.set_policy(self.policy_for_epoch(self.epoch))
 
-    def train_epoch(self, progress: bool | None = None) -> dict:
-        """Train epoch ``self.epoch`` once over the training loader; returns its metrics row."""
-        progress = self.cfg.progress if progress is None else progress
+    def begin_epoch(self) -> float:
+        """Set up epoch ``self.epoch``: its learning rate (returned), its policy, the objective's epoch
+        start, training mode."""
         lr = self._set_lr()
         self._set_policy()
         self.objective.on_epoch_start(self.epoch, self.epochs)
         self.model.train()
+        return lr
+
+    def train_epoch(self, progress: bool | None = None) -> dict:
+        """Train epoch ``self.epoch`` once over the training loader; returns its metrics row."""
+        progress = self.cfg.progress if progress is None else progress
+        lr = self.begin_epoch()
         ctx = StepContext(epoch=self.epoch, epochs=self.epochs, autocast=self.autocast)
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=self.device)
-        seen = 0
+        sums = EpochSums(self.device)
         bar = None
         if progress and sys.stderr.isatty():  # a redirected stderr gets the one line per epoch only
             bar = tqdm(total=len(self.train_loader), desc=f"{self.log_name} epoch {self.epoch + 1}/{self.epochs}",
@@ -228,27 +265,42 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             logits, metrics = self.objective.train_step(self.step_model, x, y, ctx)
             self.optimizer.step()
-            n = y.shape[0]
-            seen += n
-            correct += (logits.argmax(1) == y).sum()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.detach().float() * n
+            sums.add(logits, y, metrics)
             if bar is not None:
                 bar.update(1)
                 if step % 20 == 0:
-                    bar.set_postfix(loss=f"{float(sums['loss']) / seen:.3f}", acc=f"{float(correct) / seen:.3f}",
-                                    ips=f"{seen / (time.perf_counter() - t0):.0f}")
+                    bar.set_postfix(loss=f"{sums.mean('loss'):.3f}", acc=f"{float(sums.correct) / sums.seen:.3f}",
+                                    ips=f"{sums.seen / (time.perf_counter() - t0):.0f}")
         if bar is not None:
             bar.close()
-        elapsed = time.perf_counter() - t0
-        row = {"epoch": self.epoch, "lr": lr, "train_acc": float(correct) / max(seen, 1),
-               "train_time_s": elapsed, "train_img_per_s": seen / max(elapsed, 1e-9)}
-        for k, v in sums.items():
-            row[f"train_{k}"] = float(v) / max(seen, 1)
-        if not all(math.isfinite(row[f"train_{k}"]) for k in sums):
-            row["nonfinite"] = True
+        row = sums.row(self.epoch, lr, time.perf_counter() - t0)
         self.epoch += 1
         return row
+
+    def divergence(self, epoch: int, what: str, row: dict | None = None) -> NonFiniteLoss:
+        """The error of a run that diverged in (0-based) ``epoch``; ``what`` says how."""
+        return NonFiniteLoss(f"{self.log_name}: training diverged in epoch {epoch + 1}/{self.epochs} ({what})",
+                             row=row, epoch=epoch)
+
+    def numerical_failure(self, epoch: int, error: Exception) -> NonFiniteLoss:
+        """The error of a run whose objective's linear algebra failed in ``epoch`` (on non-finite input)."""
+        what = "non-finite weights" if not self.weights_finite() else "a numerical failure"
+        msg = str(error).splitlines()[0] if str(error) else type(error).__name__
+        msg = msg if len(msg) <= 160 else msg[:157] + "..."
+        return self.divergence(epoch, f"{what}: {msg}")
+
+    def nonfinite(self, row: dict) -> str | None:
+        """How the epoch of ``row`` diverged (its training loss, else the weights), None when it did not."""
+        if row.get("nonfinite") or not math.isfinite(row.get("train_loss", 0.0)):
+            return "non-finite training loss"
+        if not self.weights_finite():
+            return "non-finite weights"
+        return None
+
+    def eval_due(self, end: int) -> bool:
+        """Whether to evaluate now, after an epoch of a :meth:`run_epochs` call that ends at epoch ``end``
+        (the rule in the module docstring)."""
+        return self.epoch % max(1, int(self.cfg.eval_every)) == 0 or self.epoch == end
 
     @torch.no_grad()
     def evaluate(self, loader: DeviceLoader) -> dict:
@@ -345,7 +397,6 @@ class Trainer:
         objective's linear algebra fails on non-finite input). ``on_epoch_end(trainer, row)`` runs after
         each epoch (logging, checkpoints)."""
         names = list(self.eval_loaders) if splits is None else list(splits)
-        every = max(1, int(self.cfg.eval_every))
         end = min(self.epochs, self.epoch + int(k))
         rows = []
         with self.rng_scope():
@@ -356,19 +407,13 @@ class Trainer:
                 except torch.linalg.LinAlgError as e:
                     if not check_finite:
                         raise
-                    what = "non-finite weights" if not self.weights_finite() else "a numerical failure"
-                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    msg = msg if len(msg) <= 160 else msg[:157] + "..."
-                    raise NonFiniteLoss(f"{self.log_name}: training diverged in epoch {epoch + 1}/{self.epochs} "
-                                        f"({what}: {msg})", epoch=epoch) from None
+                    raise self.numerical_failure(epoch, e) from None
                 if check_finite:
-                    loss_ok = not row.get("nonfinite") and math.isfinite(row.get("train_loss", 0.0))
-                    if not loss_ok or not self.weights_finite():
+                    what = self.nonfinite(row)
+                    if what is not None:
                         row["nonfinite"] = True
-                        what = "non-finite training loss" if not loss_ok else "non-finite weights"
-                        raise NonFiniteLoss(f"{self.log_name}: training diverged in epoch {epoch + 1}/{self.epochs} "
-                                            f"({what})", row=row, epoch=epoch)
-                if self.epoch % every == 0 or self.epoch == end:
+                        raise self.divergence(epoch, what, row=row)
+                if self.eval_due(end):
                     t1 = time.perf_counter()
                     for name in names:
                         for key, v in self.evaluate(self.eval_loaders[name]).items():
