@@ -47,3 +47,13 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not beside this checkout")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A module's tests run torch with one thread: the same numerics in this process and in Ray workers
+    (which run one thread each). ``pytestmark = pytest.mark.usefixtures("one_thread")`` in the module."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -34,12 +34,7 @@ def config(out, *extra):
     return load_config(None, BASE + [f"out={out}"] + list(extra))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same numerics in this process and in Ray workers
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module, as Ray workers
 
 
 def rows(run_dir):
