@@ -185,7 +185,7 @@ class SearchConfig(_Section):
     # local: members one after another in this process; fused: all members as one stacked model on one
     # device; ray: members (or fused groups of ray_group_size members) in Ray actors; auto: fused on CUDA,
     # local on CPU
-    executor: Literal["auto", "local", "fused", "ray"] = "local"
+    executor: Literal["auto", "local", "fused", "ray"] = "auto"
     ray_group_size: int = Field(1, ge=1)  # members per Ray actor, trained fused when > 1
     ray_address: str | None = None
     ray_num_cpus: float = Field(1.0, gt=0)
