@@ -4,9 +4,10 @@
 # Setup (once, in the checkout): mkdir -p .gpu .whl; cp ../shared/data/cifar10_jpeg.npz ../shared/fixtures/pba/rcifar10_16_wrn.txt .gpu/;
 #   pip download pydantic, pydantic_core, annotated_types, typing_inspection wheels for cp312 manylinux into .whl/
 #   (see the device README); then run it with carry [".gpu", ".whl"] and timeout_s 600.
-# Modes: (none) = what the open issues still need, in order of priority, within one 600 s call: the KD step
-#   bench (issue 4), the batch-512 augmentation share (issue 3), the gpu-mini pipeline (issue 6, its report
-#   as a tarball); `bench` = loader / augment / train smoke / compile / KD benches; `mini` = the pipeline only;
+# Modes: (none) or `search` = what the open issues still need (issue 14's search throughput, within one 600 s
+#   call); `early` = the earlier issues' checks: the KD step bench (issue 4), the batch-512 augmentation share
+#   (issue 3), the gpu-mini pipeline (issue 6, its report as a tarball); `bench` = loader / augment / train
+#   smoke / compile / KD benches; `mini` = the pipeline only;
 #   `search` = issue 14's search throughput: 16 WRN-40-2 members x 9 epochs (3 rounds) on the reduced 4,000 / 46,000
 #   split with the fused and the local executor, then 16 4-bit ResNet18 II-KD students fused (one round);
 #   `search-more` = the same WRN search fused with torch.compile, Ray with 1/16 GPU per member, Ray fused groups of 4
@@ -24,7 +25,7 @@ mini() {
 }
 if [ "${1:-}" = mini ]; then mini 560; exit 0; fi
 WRN_SEARCH="--device cuda --data-path .gpu/cifar10_jpeg.npz --model wrn_40_2 --population 16 --epochs 9 --interval 3"
-if [ "${1:-}" = search ]; then
+if [ "${1:-search}" = search ]; then
   step 300 search_wrn python3 benchmarks/bench_search.py $WRN_SEARCH --executors fused local --quiet --out $OUT/search_wrn.json
   step 250 search_iikd python3 benchmarks/bench_search.py --device cuda --data-path .gpu/cifar10_jpeg.npz --model resnet18 \
     --population 16 --epochs 3 --interval 3 --student iikd --w-bits 4 --a-bits 4 --prepare-epochs 10 --executors fused \
@@ -37,12 +38,13 @@ if [ "${1:-}" = search-more ]; then
     --ray-num-cpus 0.9 --quiet --out $OUT/search_ray.json
   exit 0
 fi
-if [ "${1:-}" != bench ]; then
+if [ "${1:-}" = early ]; then
   step 100 kd python3 benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --unclipped iikd --out $OUT/kd.json
   step 60 augment python3 benchmarks/bench_augment.py --device cuda --batch 4096 --train-step --out $OUT/augment.json
   mini 400
   exit 0
 fi
+if [ "${1:-}" != bench ]; then echo "unknown mode ${1:-}: use search, search-more, early, bench or mini" >&2; exit 2; fi
 step 120 loader python3 benchmarks/bench_loader.py --device cuda --workers 8 --data-path .gpu/cifar10_jpeg.npz \
   --gpu-models resnet18 wrn_40_2 --batches 128 512 --steps 40 --out $OUT/loader.json
 step 100 augment python3 benchmarks/bench_augment.py --device cuda --batch 4096 --train-step --out $OUT/augment.json
