@@ -16,7 +16,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -32,6 +32,9 @@ def _scalar_kinds(annotation: Any) -> set[type]:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return set().union(*(_scalar_kinds(a) for a in typing.get_args(annotation)))
     return {annotation} & {bool, int, float}
+
+
+Fraction = Annotated[float, Field(ge=0, le=1)]  # a point in a run, as a fraction of its epochs
 
 
 class _Section(BaseModel):
@@ -89,7 +92,7 @@ class TrainConfig(_Section):
     lr_gamma: float = Field(0.1, gt=0, le=1)
     # instead of every lr_step_frac: multiply lr by lr_gamma at these fractions of the epochs (the authors'
     # code: [0.3, 0.6, 0.8])
-    lr_milestones: list[float] | None = None
+    lr_milestones: list[Fraction] | None = None
     adam_eps: float = Field(1e-8, gt=0)  # Adam's epsilon (PyTorch 1e-8; TensorFlow / the authors' code 1e-5)
     # weight decay on every parameter (PyTorch's optimizer) or on conv / linear weights only (the authors'
     # code adds an L2 term of the conv and FC kernels to the loss)
@@ -163,7 +166,7 @@ class KDConfig(_Section):
     lam_decay_every: int = Field(60, gt=0)
     # instead of ×lam_decay every lam_decay_every epochs: ×lam_gamma at these fractions of the run (the
     # authors' code: [0.3, 0.6, 0.8] and 0.6)
-    lam_milestones: list[float] | None = None
+    lam_milestones: list[Fraction] | None = None
     lam_gamma: float = Field(0.6, gt=0, le=1)
     clip: bool | None = None  # clip the KD gradient to the task gradient's norm; None = the method's own
     # declaration (kdsvd, mhgd, iikd clip as their reference code does; soft, dml, rkd do not)

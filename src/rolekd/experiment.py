@@ -48,7 +48,6 @@ from .quant import quantize_model
 from .search import Search, finished_search, member_config, search_config
 from .search.ray_executor import probe_address
 from .train import NonFiniteLoss, Trainer, resolve_device
-from .train.trainer import check_fractions
 
 # keys that may differ between a run and its resumption (and ``out``: a run directory may be moved)
 _VOLATILE = {("train", "progress"), ("train", "device"), ("train", "threads"), ("search", "ray_address")}
@@ -316,7 +315,6 @@ def build_trainer(cfg: Config, session: Session, run_dir: Path | None = None, po
     ``train.bn_momentum`` / ``train.bn_eps`` when set; from the teacher's weights when ``kd.teacher`` is set
     and the architectures match), objective (KD when ``kd.method`` is set) and the schedule's policy per
     epoch (or ``policy_for_epoch``)."""
-    check_fractions(cfg.train.lr_milestones, "train.lr_milestones")
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     bundle = build_data(cfg, session)
@@ -364,8 +362,6 @@ def check_config(cfg: Config, session: Session | None = None, files: bool = True
     ``session``: loaded, and the split sizes), the model (built on the meta device), the KD method and
     its options, and with ``files`` the schedule file and the teacher's weights (they exist, fit the
     teacher's model, are finite). One UserError line for the first problem."""
-    check_fractions(cfg.train.lr_milestones, "train.lr_milestones")
-    check_fractions(cfg.kd.lam_milestones, "kd.lam_milestones")
     num_classes = 10
     if session is not None:
         bundle = build_data(cfg, session)

@@ -73,12 +73,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # whose weights ``weight_decay_on=weights`` decays
 
 
-def check_fractions(values: Sequence[float] | None, key: str) -> None:
-    """UserError unless ``values`` (milestones as fractions of a run) are all in [0, 1]."""
-    if values is not None and any(not 0 <= float(m) <= 1 for m in values):
-        raise UserError(f"{key}={list(values)} must be fractions of the run's epochs in [0, 1], e.g. [0.3, 0.6, 0.8]")
-
-
 def layer_weights(model: nn.Module) -> list[nn.Parameter]:
     """The weights of the convolution and linear layers of ``model`` (DoReFa's quantized layers included):
     what ``train.weight_decay_on=weights`` decays; biases and BatchNorm parameters are not among them."""
@@ -128,7 +122,6 @@ def lr_at(cfg: TrainConfig, epoch: int, epochs: int) -> float:
     of the epochs; or with ``lr_milestones``, ``n`` = the number of milestones ``m`` with ``epoch >=
     int(m * epochs)`` (the authors' code: ``[0.3, 0.6, 0.8]``, ``kd_model.py`` ``_learning_rate_scheduler``)."""
     if cfg.lr_milestones is not None:
-        check_fractions(cfg.lr_milestones, "train.lr_milestones")
         n = sum(1 for m in cfg.lr_milestones if epoch >= int(float(m) * epochs))
     else:
         n = epoch // max(1, int(round(cfg.lr_step_frac * epochs)))
@@ -186,7 +179,6 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.step_model = torch.compile(model) if cfg.compile else model
-        check_fractions(cfg.lr_milestones, "train.lr_milestones")
         self.objective = objective or CrossEntropy()
         self.objective.setup(model, self.device)
         params = [p for p in model.parameters() if p.requires_grad] + list(self.objective.extra_parameters())
