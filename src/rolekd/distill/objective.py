@@ -210,11 +210,11 @@ class KDObjective(Objective):
             s_out = self._forward_student(model, images)
         return t_out, s_out
 
-    def step_losses(self, s_out: Outputs, t_out: Outputs, labels: torch.Tensor, epoch: int, epochs: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor]]:
-        """(task loss, unweighted KD loss, λ, metrics) of one step from the student's and the teacher's
-        outputs (the fused search executor calls it per member)."""
-        lam = self.lam_at(epoch, epochs)
+    def step_losses(self, s_out: Outputs, t_out: Outputs, labels: torch.Tensor, lam: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(task loss, unweighted KD loss, metrics) of one step from the student's and the teacher's outputs,
+        with this epoch's ``lam`` (:meth:`lam_at`) in the metrics (the fused search executor calls it per
+        member)."""
         s_out, t_out = _as_float(s_out), _as_float(t_out)
         task = F.cross_entropy(s_out.logits, labels)
         kd = self.distiller(s_out, t_out, labels)
@@ -222,12 +222,13 @@ class KDObjective(Objective):
                    "lam": torch.full((), lam, device=task.device)}
         for name, value in self.distiller.terms().items():
             metrics[f"kd_{name}"] = value
-        return task, kd, lam, metrics
+        return task, kd, metrics
 
     def train_step(self, model, images, labels, ctx):
         self._epochs = ctx.epochs
-        t_out, s_out = self._teacher_outputs(model, images, labels, ctx, self.lam_at(ctx.epoch, ctx.epochs))
-        task, kd, lam, metrics = self.step_losses(s_out, t_out, labels, ctx.epoch, ctx.epochs)
+        lam = self.lam_at(ctx.epoch, ctx.epochs)
+        t_out, s_out = self._teacher_outputs(model, images, labels, ctx, lam)
+        task, kd, metrics = self.step_losses(s_out, t_out, labels, lam)
         self._backward(model, task, kd, lam, ctx.epoch)
         return s_out.logits.float().detach(), metrics
 

@@ -113,17 +113,17 @@ class StackedWeights:
                 o._buffers[leaf] = stacked[r]
             self.buffers[prefix + name] = stacked
         self.grad_names = [prefix + n for n in names if first.get_parameter(n).requires_grad]
+        self._trained = set(self.grad_names)
         # each row's trained parameters, in grad_names order (where a row's gradient is handed out)
         self.row_params = [[m.get_parameter(n[len(prefix):]) for n in self.grad_names] for m in models]
 
     def rows(self, a: int, n: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]:
         """(parameters, buffers, trained leaves) of rows ``a .. a + n - 1`` as views: the trained
         parameters as fresh leaves that require gradients (in ``grad_names`` order)."""
-        grad = set(self.grad_names)
-        params, leaves = {}, []
+        params = {}
         for name, t in self.params.items():
             v = t[a:a + n]
-            if name in grad:
+            if name in self._trained:
                 v = v.detach().requires_grad_(True)
             params[name] = v
         leaves = [params[name] for name in self.grad_names]
@@ -149,12 +149,16 @@ class _TappedNet(nn.Module):
         return res
 
 
+def _as_float(out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stacked outputs in at least float32 (one cast per tensor for all members; exact for bf16)."""
+    return {k: as_float(v) for k, v in out.items()}
+
+
 def _outputs(out: Mapping[str, torch.Tensor], j: int) -> Outputs:
-    """Member ``j``'s :class:`Outputs` (at least float32) from stacked outputs."""
+    """Member ``j``'s :class:`Outputs` from stacked outputs."""
     emb = out.get("embedding")
-    return Outputs(as_float(out["logits"][j]),
-                   {k[len("feature:"):]: as_float(v[j]) for k, v in out.items() if k.startswith("feature:")},
-                   None if emb is None else as_float(emb[j]))
+    return Outputs(out["logits"][j], {k[len("feature:"):]: v[j] for k, v in out.items() if k.startswith("feature:")},
+                   None if emb is None else emb[j])
 
 
 class FusedExecutor(LocalExecutor):
@@ -313,21 +317,21 @@ class FusedExecutor(LocalExecutor):
         with torch.no_grad(), ts[live[0]].autocast():
             if self._shared_teacher:
                 obj = ts[live[0]].objective
-                obj.teacher.eval()
+                if obj.teacher.training:
+                    obj.teacher.eval()
                 out = obj.forward_teacher(x.flatten(0, 1))
                 split = {"logits": out.logits.unflatten(0, (n, b)),
                          **{"feature:" + k: v.unflatten(0, (n, b)) for k, v in out.features.items()}}
                 if out.embedding is not None:
                     split["embedding"] = out.embedding.unflatten(0, (n, b))
+                split = _as_float(split)
                 return {j: _outputs(split, j) for j in live}
             res = {}
-            for j in live:
+            for j in live:  # members with teachers of their own (a custom member factory)
                 obj = ts[j].objective
-                obj.teacher.eval()
-                out = obj.forward_teacher(x[j])
-                res[j] = _outputs({"logits": out.logits[None],
-                                   **{"feature:" + k: v[None] for k, v in out.features.items()},
-                                   **({"embedding": out.embedding[None]} if out.embedding is not None else {})}, 0)
+                if obj.teacher.training:
+                    obj.teacher.eval()
+                res[j] = obj.forward_teacher(x[j])  # step_losses casts to float32
             return res
 
     def _step(self, ts: list[Trainer], a: int, epoch: int, x: torch.Tensor, y: torch.Tensor, live: list[int],
@@ -338,6 +342,7 @@ class FusedExecutor(LocalExecutor):
         params, buffers, leaves = self.stack.rows(a, n)
         with ts[live[0]].autocast():
             out = self._train_fwd(params, buffers, x)
+        out = _as_float(out)
         obj0 = ts[live[0]].objective
         kd_role = isinstance(obj0, KDObjective)
         teacher = self._teacher_outputs(ts, x, live) if kd_role else {}
@@ -384,9 +389,11 @@ class FusedExecutor(LocalExecutor):
         """(task loss, KD loss or None, λ, metrics) of one member's step, as its objective computes them."""
         obj = t.objective
         if not isinstance(obj, KDObjective):  # CrossEntropy
-            loss = F.cross_entropy(s_out.logits, labels)
-            return loss, None, 0.0, {"loss": loss.detach()}
-        return obj.step_losses(s_out, t_out, labels, epoch, t.epochs)
+            loss, metrics = obj.loss(s_out.logits, labels)
+            return loss, None, 0.0, metrics
+        lam = obj.lam_at(epoch, t.epochs)
+        task, kd, metrics = obj.step_losses(s_out, t_out, labels, lam)
+        return task, kd, lam, metrics
 
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -66,13 +66,13 @@ def executor_kind(cfg: Config) -> str:
     return kind
 
 
-def make_executor(cfg: Config, factory: MemberFactory):
+def make_executor(cfg: Config, factory: MemberFactory, verbose: bool = True):
     kind = executor_kind(cfg)
     if kind == "ray":
         return RayExecutor.from_config(cfg, factory)
     if kind == "fused":
         # auto: members that cannot be fused train one after another (a note), never an error
-        return FusedExecutor(factory, fallback=cfg.search.executor == "auto")
+        return FusedExecutor(factory, fallback=cfg.search.executor == "auto", verbose=verbose)
     return LocalExecutor(factory)
 
 
@@ -202,7 +202,7 @@ class Search:
         cfg, s = self.cfg, self.cfg.search
         own_executor = self.executor is None
         if own_executor:
-            self.executor = make_executor(cfg, self.member_factory)
+            self.executor = make_executor(cfg, self.member_factory, verbose=self.verbose)
         ex = self.executor
         try:
             saved = self.load_saved()

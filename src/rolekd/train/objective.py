@@ -61,9 +61,14 @@ class Objective:
 class CrossEntropy(Objective):
     """The default objective: cross-entropy on the labels."""
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the loss, its metrics) of one batch's logits (the fused search executor calls it per member)."""
+        loss = F.cross_entropy(logits.float(), labels)
+        return loss, {"loss": loss.detach()}
+
     def train_step(self, model, images, labels, ctx):
         with ctx.autocast():
             logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss, metrics = self.loss(logits, labels)
         loss.backward()
-        return logits.detach(), {"loss": loss.detach()}
+        return logits.detach(), metrics
