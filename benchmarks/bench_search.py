@@ -115,16 +115,14 @@ def run_search(a, root: Path, session, executor: str) -> dict:
 
 def random_teacher(a, root: Path) -> str:
     """An untrained ``--teacher-model`` network's weights (only the cost of distilling is measured)."""
-    from safetensors.torch import save_file
-
+    from rolekd.files import save_weights
     from rolekd.models import create
 
     path = root / "teacher.safetensors"
     with torch.random.fork_rng():
         torch.manual_seed(0)
         net = create(a.teacher_model, num_classes=10)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    return str(path)
+    return str(save_weights(net, path))
 
 
 def table(results: dict, project: int) -> str:
@@ -203,8 +201,6 @@ def main() -> None:
                 Path(a.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     print(table(res["results"], a.project_epochs))
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ it applies section changes and validates the result with the same one-line error
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import types
@@ -123,10 +124,10 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_threads() -> int:
-    """The CPUs this process may run on, capped by ``OMP_NUM_THREADS`` when it is set to a positive
-    integer."""
-    n = available_cpus()
+def default_threads(cpus: float | None = None) -> int:
+    """``cpus`` rounded down (at least 1; default: the CPUs this process may run on), capped by
+    ``OMP_NUM_THREADS`` when it is set to a positive integer."""
+    n = available_cpus() if cpus is None else max(1, int(math.floor(cpus)))
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) > 0:
         n = min(n, int(omp))

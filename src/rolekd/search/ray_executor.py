@@ -22,7 +22,6 @@ or does not answer is one UserError.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import threading
@@ -30,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import rolekd
 
-from ..config import Config, available_cpus
+from ..config import Config, available_cpus, default_threads
 from ..errors import UserError
 from .fused import FusedExecutor
 from .members import LocalExecutor, MemberFactory, Outcome
@@ -148,7 +147,7 @@ class RayExecutor:
         self.num_cpus = float(num_cpus)
         self.num_gpus = float(num_gpus)
         self.group_size = max(1, int(group_size))
-        self.threads = threads if threads is not None else self.default_threads(self.num_cpus * self.group_size)
+        self.threads = threads if threads is not None else default_threads(self.num_cpus * self.group_size)
         self.init_kwargs = dict(init_kwargs or {})
         self.started_ray = False
         self.groups: list[list[int]] = []  # the members of each actor
@@ -156,14 +155,6 @@ class RayExecutor:
         self.actors: dict[int, Any] = {}  # group -> actor
         self.configs: dict[int, dict] = {}
         self.good: dict[int, Any] = {}  # member index -> ObjectRef of the last good state
-
-    @staticmethod
-    def default_threads(num_cpus: float) -> int:
-        """An actor's torch threads: its CPUs rounded down (at least 1), capped by this process's
-        ``OMP_NUM_THREADS`` when set."""
-        n = max(1, int(math.floor(num_cpus)))
-        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
-        return min(n, int(omp)) if omp.isdigit() and int(omp) > 0 else n
 
     @classmethod
     def from_config(cls, cfg: Config, factory: MemberFactory) -> "RayExecutor":
