@@ -28,7 +28,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Mapping, Union
 
 try:
     import fcntl
@@ -239,6 +239,16 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                         "re-create it with rolekd train") from None
 
 
+def nonfinite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf (one device synchronisation when all are on
+    one device)."""
+    names = [k for k, v in tensors.items() if v.is_floating_point()]
+    flags = [torch.isfinite(tensors[k]).all() for k in names]
+    if len({f.device for f in flags}) == 1:
+        flags = torch.stack(flags).tolist()
+    return [k for k, ok in zip(names, flags) if not bool(ok)]
+
+
 def check_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike,
                   what: str = "checkpoint") -> None:
     """UserError unless ``state`` has exactly ``model``'s keys and shapes and only finite values (a model
@@ -255,7 +265,7 @@ def check_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | 
                   f"{tuple(own[wrong[0]].shape)}")
         raise UserError(f"{what} {path} does not fit model {type(target).__name__}: {detail}; "
                         "check the model name (and num_classes) it was trained with")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = nonfinite_keys(state)
     if bad:
         raise UserError(f"{what} {path} holds non-finite values (NaN or inf) in {len(bad)} of {len(state)} tensors "
                         f"(e.g. {bad[0]}): it comes from a diverged run; retrain it")

@@ -74,10 +74,6 @@ class MetricsLog:
         self._rows = [json_safe(dict(r)) for r in rows]
         self._write()
 
-    def truncate_after(self, epoch: int) -> None:
-        """Drop rows of epochs > ``epoch`` (written by a run interrupted before its checkpoint)."""
-        self.reset([r for r in self.rows() if r.get("epoch", -1) <= epoch])
-
     def _write(self) -> None:
         rows = self._rows or []
         atomic_write(self.jsonl, "".join(dump_json(r) + "\n" for r in rows))

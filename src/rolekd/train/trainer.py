@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.loader import DeviceLoader
 from ..errors import UserError
-from ..files import (json_safe, load_state, load_weights, model_state, read_checkpoint, state_bytes, tensors_bytes,
-                     write_checkpoint)
+from ..files import (json_safe, load_state, load_weights, model_state, nonfinite_keys, read_checkpoint, state_bytes,
+                     tensors_bytes, write_checkpoint)
 from .metrics import MetricsLog, read_rows
 from .objective import CrossEntropy, Objective, StepContext
 
@@ -189,7 +189,6 @@ class Trainer:
         self.log_name = log_name
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
-        self.own_rng = bool(own_rng)
         self._rng: dict[str, torch.Tensor] | None = self._process_rng() if own_rng else None
 
     # ------------------------------------------------------------------------------ random streams
@@ -283,7 +282,7 @@ class Trainer:
 
     def nonfinite(self, row: dict) -> str | None:
         """How the epoch of ``row`` diverged (its training loss, else the weights), None when it did not."""
-        if row.get("nonfinite") or not math.isfinite(row.get("train_loss", 0.0)):
+        if row.get("nonfinite"):  # EpochSums.row: a training metric (the loss included) is not finite
             return "non-finite training loss"
         if not self.weights_finite():
             return "non-finite weights"
@@ -374,8 +373,9 @@ class Trainer:
     def weights_finite(self) -> bool:
         """Whether every floating-point parameter and buffer of the model (and of the objective's
         trained parts) is finite."""
-        tensors = list(self.model.state_dict().values()) + [p for p in self.objective.extra_parameters()]
-        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+        tensors = {**self.model.state_dict(), **{f"objective.{i}": p.detach() for i, p in
+                                                   enumerate(self.objective.extra_parameters())}}
+        return not nonfinite_keys(tensors)
 
     # ------------------------------------------------------------------------------ the loop
     def run_epochs(self, k: int, splits: Sequence[str] | None = None, check_finite: bool = False,
@@ -441,11 +441,17 @@ class Trainer:
                                 f"start the run again")
             log.reset([])  # rows of an epoch whose first checkpoint was never written
 
-        def after_epoch(trainer: "Trainer", row: dict) -> None:
+        def record(row: dict) -> dict:
+            """The row as logged (JSON-safe, without timings of evaluation), in the history and the log."""
             row = json_safe({k: v for k, v in row.items() if k != "eval_s"})
             self.history.append(row)
             if log is not None:
                 log.log(row)
+            return row
+
+        def after_epoch(trainer: "Trainer", row: dict) -> None:
+            row = record(row)
+            if log is not None:
                 self.save_checkpoint(self.history)
             if self.cfg.progress:
                 shown = {k: round(v, 4) for k, v in row.items()
@@ -460,10 +466,7 @@ class Trainer:
                 self.run_epochs(self.epochs - self.epoch, check_finite=True, on_epoch_end=after_epoch)
             except NonFiniteLoss as e:
                 if e.row is not None:
-                    row = json_safe({k: v for k, v in e.row.items() if k != "eval_s"})
-                    self.history.append(row)
-                    if log is not None:
-                        log.log(row)
+                    record(e.row)
                 raise
         finally:
             if log is not None:
