@@ -66,8 +66,10 @@ class Distiller(nn.Module):
     def build_adapters(self, student: Outputs, teacher: Outputs) -> bool:
         """Create any trainable parts that depend on the two networks' shapes (e.g. a channel adapter
         for taps of different widths) from one probe batch's outputs; True if parameters were added.
-        A no-op by default."""
-        return False
+        The default builds the distiller's ``adapter`` (a :class:`~rolekd.distill.adapter.ChannelAdapter`),
+        if it has one, from the two networks' feature taps."""
+        adapter = getattr(self, "adapter", None)
+        return adapter.build(student.features, teacher.features) if adapter is not None else False
 
     def terms(self) -> dict[str, torch.Tensor]:
         """Detached parts of the last loss, for logging (``{}`` when the loss has one part)."""
@@ -75,8 +77,10 @@ class Distiller(nn.Module):
 
     @classmethod
     def options_from(cls, kd: KDConfig) -> dict[str, Any]:
-        """The constructor options this method reads from the ``kd`` config section: ``kd.options``."""
-        return dict(kd.options)
+        """The constructor options this method reads from the ``kd`` config section: ``kd.options``, and
+        for a method that trains a part before KD (``needs_prepare``) ``kd.prepare_epochs`` (a documented
+        shortcut, overridden by ``kd.options``)."""
+        return {"prepare_epochs": kd.prepare_epochs, **kd.options} if cls.needs_prepare else dict(kd.options)
 
     @classmethod
     def from_config(cls, kd: KDConfig) -> "Distiller":

@@ -33,11 +33,6 @@ from .rkd import RelationalKD
 class IIKD(Distiller):
     """RKD (logits) + MHGD + KD-SVD (feature taps); :meth:`prepare` trains MHGD's attention."""
 
-    @classmethod
-    def options_from(cls, kd):
-        """``kd.prepare_epochs`` (a documented shortcut) and ``kd.options``."""
-        return {"prepare_epochs": kd.prepare_epochs, **kd.options}
-
     needs_features = True
     needs_embedding = False
     needs_prepare = True
@@ -62,9 +57,6 @@ class IIKD(Distiller):
 
     def prepare(self, teacher_model: nn.Module, batches: Iterable[torch.Tensor], epochs: int | None = None) -> None:
         self.mhgd.prepare(teacher_model, batches, epochs)
-
-    def build_adapters(self, student, teacher) -> bool:
-        return self.adapter.build(student.features, teacher.features)
 
     def forward(self, student, teacher, labels):
         l_rkd = self.rkd(student, teacher, labels)

@@ -104,9 +104,6 @@ class KDSVD(Distiller):
         self.sigma, self.eps = float(sigma), float(eps)
         self.adapter = ChannelAdapter()
 
-    def build_adapters(self, student, teacher) -> bool:
-        return self.adapter.build(student.features, teacher.features)
-
     def pairs_from(self, student_features, teacher_features) -> list[SingularPair]:
         """Aligned singular pairs of (already adapted) student features and teacher features."""
         return singular_pairs(student_features, teacher_features, self.k, self.candidates, self.eps, method="kdsvd")

@@ -87,11 +87,6 @@ def graph_kl(g_s: torch.Tensor, g_t: torch.Tensor) -> torch.Tensor:
 class MHGD(Distiller):
     """Multi-head graph distillation; call :meth:`prepare` on the teacher before KD training."""
 
-    @classmethod
-    def options_from(cls, kd):
-        """``kd.prepare_epochs`` (a documented shortcut) and ``kd.options``."""
-        return {"prepare_epochs": kd.prepare_epochs, **kd.options}
-
     needs_features = True
     needs_prepare = True
     clip_kd_grad = True
@@ -168,9 +163,6 @@ class MHGD(Distiller):
                 v, _ = top_right_singular(feature_matrix(f.detach()), 1, self.eps)
                 out.append(canonical_sign(v)[..., 0])
         return out
-
-    def build_adapters(self, student, teacher) -> bool:
-        return self.adapter.build(student.features, teacher.features)
 
     def pairs_from(self, student_features, teacher_features) -> list[SingularPair]:
         """Aligned singular pairs of (already adapted) student features and teacher features."""
