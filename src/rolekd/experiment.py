@@ -29,7 +29,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -204,42 +204,44 @@ def make_loaders(cfg: Config, bundle: DataBundle, device: torch.device, augment=
 
 
 # ---------------------------------------------------------------------------------------- teacher and KD
-def teacher_paths(cfg: Config) -> tuple[Path, str]:
-    """(weights file, model name) of ``kd.teacher``: a run directory or a .safetensors file."""
+class TeacherRef(NamedTuple):
+    """What ``kd.teacher`` names: its weights file, its model, the BatchNorm epsilon it was trained with
+    (None: the model's default)."""
+
+    weights: Path
+    model: str
+    bn_eps: float | None
+
+
+def teacher_ref(cfg: Config) -> TeacherRef:
+    """The teacher of ``kd.teacher``, a run directory or a .safetensors file. The model is
+    ``kd.teacher_model``, else the run's, else ``model.name``; the BatchNorm epsilon is ``train.bn_eps`` of
+    the run's ``config.yaml`` (read once), or for a weights file this config's ``train.bn_eps``."""
     if not cfg.kd.teacher:
         raise UserError("no teacher given: pass teacher=RUN_DIR (a finished rolekd train run) or teacher=FILE.safetensors")
     p = Path(cfg.kd.teacher).expanduser()
-    name = cfg.kd.teacher_model
+    name, eps = cfg.kd.teacher_model, cfg.train.bn_eps
     if p.is_dir():
         weights = p / "model.safetensors"
         if not weights.is_file():
             raise UserError(f"teacher run {p} has no model.safetensors: finish its training first (rerun its command)")
-        if name is None and (p / "config.yaml").is_file():
-            name = (yaml.safe_load((p / "config.yaml").read_text()) or {}).get("model", {}).get("name")
+        if (p / "config.yaml").is_file():
+            run = yaml.safe_load((p / "config.yaml").read_text()) or {}
+            name = name if name is not None else (run.get("model") or {}).get("name")
+            eps = (run.get("train") or {}).get("bn_eps")
+            eps = float(eps) if eps is not None else None
     else:
         weights = p
         if not p.is_file():
             raise UserError(f"teacher {p} not found: give a teacher run directory or its model.safetensors")
-    return weights, name or cfg.model.name
-
-
-def teacher_bn_eps(cfg: Config) -> float | None:
-    """The BatchNorm epsilon the teacher was trained with: ``train.bn_eps`` of its run directory's
-    ``config.yaml`` (None: the model's default), or for a weights file this config's ``train.bn_eps``."""
-    p = Path(cfg.kd.teacher).expanduser() if cfg.kd.teacher else None
-    if p is not None and p.is_dir() and (p / "config.yaml").is_file():
-        train = (yaml.safe_load((p / "config.yaml").read_text()) or {}).get("train") or {}
-        eps = train.get("bn_eps")
-        return float(eps) if eps is not None else None
-    return cfg.train.bn_eps
+    return TeacherRef(weights, name or cfg.model.name, eps)
 
 
 def load_teacher(cfg: Config, num_classes: int, device: torch.device, session: Session
                  ) -> tuple[nn.Module, Path, str]:
     """The frozen full-precision teacher of ``cfg.kd.teacher`` (one per session), its BatchNorm epsilon
-    the one it was trained with (:func:`teacher_bn_eps`)."""
-    weights, name = teacher_paths(cfg)
-    eps = teacher_bn_eps(cfg)
+    the one it was trained with (:func:`teacher_ref`)."""
+    weights, name, eps = teacher_ref(cfg)
     st = weights.stat()
     key = (str(weights.resolve()), st.st_mtime_ns, name, num_classes, str(device), eps)
     if key not in session.teachers:
@@ -253,7 +255,7 @@ def load_teacher(cfg: Config, num_classes: int, device: torch.device, session: S
 
 def init_student_from_teacher(cfg: Config, student: nn.Module) -> bool:
     """The paper initialises the (low-bit) student from its teacher when they share an architecture."""
-    weights, name = teacher_paths(cfg)
+    weights, name, _ = teacher_ref(cfg)
     if name != cfg.model.name:
         return False
     load_weights(student, weights, what="teacher checkpoint")
@@ -372,7 +374,7 @@ def check_config(cfg: Config, session: Session | None = None, files: bool = True
         if cfg.kd.method:
             distiller_class(cfg.kd.method).from_config(cfg.kd)
         if files and cfg.kd.teacher and (cfg.kd.method or cfg.kd.init_from_teacher):
-            weights, name = teacher_paths(cfg)
+            weights, name, _ = teacher_ref(cfg)
             teacher = build_model(cfg, num_classes, model_name=name, quantize=False)
             check_weights(teacher, read_weights(weights), weights, what="teacher checkpoint")
     if files:
