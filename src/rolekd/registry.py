@@ -70,8 +70,8 @@ class Registry(Generic[T]):
             raise UserError(self.unknown_message(name))
         return obj
 
-    def unknown_message(self, name: object, extra: list[str] | None = None) -> str:
-        known = sorted(self._names.values()) + list(extra or [])
+    def unknown_message(self, name: object) -> str:
+        known = sorted(self._names.values())
         close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         more = f" {self.hint}" if self.hint else ""
