@@ -26,13 +26,12 @@ import sys
 import torch
 
 from . import __version__
-from .config import Config, derive, load_config
+from .config import Config, load_config
 from .errors import UserError
-from .experiment import check_config, check_run_dir, search_from_config, train_from_config
-from .files import RunLock
+from .experiment import search_from_config, train_from_config
 from .models import list_models
 from .pipeline import run_pipeline
-from .pipeline.run import QUICKSTART
+from .pipeline.run import pipeline_config
 from .train import NonFiniteLoss
 from .report import build_report
 from .schedule_cli import register as register_schedule_commands
@@ -81,13 +80,9 @@ def cmd_search(args) -> int:
 
 
 def cmd_run(args) -> int:
-    cfg = load_config(args.config if args.config is not None else QUICKSTART, list(args.overrides))
-    for role in (cfg.pipeline.teacher, cfg.pipeline.student):  # networks and KD method, before any directory
-        check_config(derive(cfg, "pipeline", model=role.model, quant=role.quant, pipeline=None,
-                            kd={"method": role.method, "teacher": None}), files=False)
-    check_run_dir(cfg, cfg.run_dir())  # read-only: nothing is written into a foreign or another run's directory
-    with _threads(cfg), RunLock(cfg.run_dir()):
-        run_pipeline(args.config, list(args.overrides))
+    cfg = pipeline_config(args.config, list(args.overrides))
+    with _threads(cfg):
+        run_pipeline(cfg)
     return 0
 
 

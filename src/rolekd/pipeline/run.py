@@ -31,8 +31,9 @@ from pathlib import Path
 
 from ..config import Config, derive, load_config
 from ..errors import UserError
-from ..experiment import Session, prepare_run_dir, search_from_config, train_from_config
-from ..files import atomic_write
+from ..experiment import (Session, check_config, check_run_dir, prepare_run_dir, search_from_config,
+                          train_from_config)
+from ..files import RunLock, atomic_write
 from ..report import build_report
 from ..stages import STAGES, TEACHER_STAGE, Stage, schedule_path, stage_dir
 
@@ -102,20 +103,40 @@ def stage_configs(cfg: Config, root: Path | None = None) -> dict[str, Config]:
     return {r.dir: r.config for r in stage_runs(cfg, root)}
 
 
-def run_pipeline(config: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Run (or resume) every stage, then write ``report.md``. Returns {stage: result}."""
-    cfg = load_config(config if config is not None else QUICKSTART, overrides)
-    root = prepare_run_dir(cfg)
-    runs = stage_runs(cfg, root)
-    results: dict[str, dict] = {}
-    with Session() as session:
-        for i, r in enumerate(runs, 1):
-            print(f"== rolekd run: stage {i}/{len(runs)}: {r.dir} -> {r.config.out}", flush=True)
-            if r.stage.kind == "search":
-                results[r.dir] = search_from_config(r.config, session=session)
-            else:
-                results[r.dir] = train_from_config(r.config, log_name=r.dir, session=session)
-    atomic_write(root / "results.json", json.dumps(results, indent=2, default=str))
-    report = build_report(root)
+def pipeline_config(config: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The pipeline's config: the YAML file ``config`` (default: the quickstart) with ``overrides``."""
+    return load_config(config if config is not None else QUICKSTART, overrides)
+
+
+def run_pipeline(config: Config | str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """Run (or resume) every stage, then write ``report.md``. Returns {stage: result}.
+
+    ``config``: a :class:`~rolekd.config.Config`, or a YAML file (default: the quickstart) with
+    ``overrides``. The roles' networks and KD methods and the run directory are checked before anything
+    is written; the run directory is locked for this process while the pipeline runs (a second process
+    gets a UserError)."""
+    if isinstance(config, Config):
+        if overrides:
+            raise ValueError("run_pipeline: overrides apply to a config file, not to a Config")
+        cfg = config
+    else:
+        cfg = pipeline_config(config, overrides)
+    for role in (cfg.pipeline.teacher, cfg.pipeline.student):  # networks and KD method, before any directory
+        check_config(derive(cfg, "pipeline", model=role.model, quant=role.quant, pipeline=None,
+                            kd={"method": role.method, "teacher": None}), files=False)
+    check_run_dir(cfg, cfg.run_dir())  # read-only: nothing is written into a foreign or another run's directory
+    with RunLock(cfg.run_dir()):
+        root = prepare_run_dir(cfg)
+        runs = stage_runs(cfg, root)
+        results: dict[str, dict] = {}
+        with Session() as session:
+            for i, r in enumerate(runs, 1):
+                print(f"== rolekd run: stage {i}/{len(runs)}: {r.dir} -> {r.config.out}", flush=True)
+                if r.stage.kind == "search":
+                    results[r.dir] = search_from_config(r.config, session=session)
+                else:
+                    results[r.dir] = train_from_config(r.config, log_name=r.dir, session=session)
+        atomic_write(root / "results.json", json.dumps(results, indent=2, default=str))
+        report = build_report(root)
     print(f"report: {report}")
     return results
