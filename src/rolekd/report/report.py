@@ -30,6 +30,7 @@ from ..errors import UserError
 from ..files import atomic_write
 from ..plots import plot_rewards, plot_schedules_side_by_side, plot_test_curves
 from ..stages import STAGES, Stage, schedule_path, stage, stage_dir
+from ..train.metrics import read_rows
 
 PAPER_FILE = Path(__file__).with_name("paper.yaml")
 
@@ -62,13 +63,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _metrics(path: Path) -> list[dict]:
-    try:
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    except (OSError, ValueError):
-        return []
 
 
 def collect(root: str | Path) -> dict:
@@ -193,7 +187,7 @@ def schedule_activity(path: Path) -> tuple[int, int] | None:
 def _trajectory(results: dict | None, root: Path) -> list[tuple] | None:
     if results is None:
         return None
-    rows = _metrics(root / results["_dir"] / "metrics.jsonl")
+    rows = read_rows(root / results["_dir"] / "metrics.jsonl", note=False, strict=False)
     keys = ("train_loss", "train_acc", "test_acc")
     return [tuple(r.get(k) for k in keys) for r in rows] or None
 
@@ -260,8 +254,8 @@ def _figures(info: dict) -> list[str]:
         for res in runs.get(st.name, []):
             if res is None:
                 continue
-            pts = [(r["epoch"] + 1, 100 * r["test_acc"]) for r in _metrics(root / res["_dir"] / "metrics.jsonl")
-                   if "test_acc" in r]
+            rows = read_rows(root / res["_dir"] / "metrics.jsonl", note=False, strict=False)
+            pts = [(r["epoch"] + 1, 100 * r["test_acc"]) for r in rows if "test_acc" in r]
             if pts:
                 per_seed.append(pts)
         if per_seed:
