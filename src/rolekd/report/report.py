@@ -75,7 +75,9 @@ def collect(root: str | Path) -> dict:
         cfg = validate_config(yaml.safe_load(cfg_file.read_text()) or {}, str(cfg_file))
     except yaml.YAMLError:
         raise UserError(f"{cfg_file} is not valid YAML: rerun `rolekd run` with the pipeline's config") from None
-    runs: dict[str, list[dict]] = {}  # stage -> results of seed 0, 1, ... (None where missing)
+    # stage -> results of seed 0, 1, ... (None where missing), each with its run directory's name (_dir) and
+    # the rows of its metrics.jsonl (_rows); the first found also with its config.yaml (_config)
+    runs: dict[str, list[dict]] = {}
     for st in STAGES:
         n = 1 if st.kind == "search" else cfg.pipeline.seeds
         found = []
@@ -83,14 +85,20 @@ def collect(root: str | Path) -> dict:
             d = root / stage_dir(st.name, k)
             res = _read_json(d / ("search.json" if st.kind == "search" else "result.json"))
             if res is not None:
-                res = dict(res, _dir=d.name, _k=k)
-                stage_cfg = d / "config.yaml"
-                if stage_cfg.is_file():
-                    res["_config"] = yaml.safe_load(stage_cfg.read_text()) or {}
+                res = dict(res, _dir=d.name, _rows=read_rows(d / "metrics.jsonl", note=False, strict=False))
             found.append(res)
-        if any(found):
+        first = _first(found)
+        if first is not None:
+            stage_cfg = root / first["_dir"] / "config.yaml"
+            if stage_cfg.is_file():
+                first["_config"] = yaml.safe_load(stage_cfg.read_text()) or {}
             runs[st.name] = found
-    return {"root": root, "config": cfg, "runs": runs}
+    # the learned schedules (None where absent), by search
+    schedules = {}
+    for d in SCHEDULES:
+        f = schedule_path(d, root, cfg.pipeline.teacher_schedule)
+        schedules[d] = Schedule.load(f) if f.is_file() else None
+    return {"root": root, "config": cfg, "runs": runs, "schedules": schedules}
 
 
 # ---------------------------------------------------------------------------------------- numbers
@@ -175,32 +183,28 @@ def paper_number(cells: list[dict], epochs: int | None, setting: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------- checks
-def schedule_activity(path: Path) -> tuple[int, int] | None:
-    """(epochs in which some op has probability > 0, epochs) of a schedule file, or None if absent."""
-    if not path.is_file():
-        return None
-    sched = Schedule.load(path)
+def schedule_activity(sched: Schedule) -> tuple[int, int]:
+    """(epochs in which some op has probability > 0, epochs) of a schedule."""
     active = sum(1 for p in sched.policies if any(p[i] > 0 for i in range(0, POLICY_LEN, 2)))
     return active, len(sched)
 
 
-def _trajectory(results: dict | None, root: Path) -> list[tuple] | None:
+def _trajectory(results: dict | None) -> list[tuple] | None:
     if results is None:
         return None
-    rows = read_rows(root / results["_dir"] / "metrics.jsonl", note=False, strict=False)
     keys = ("train_loss", "train_acc", "test_acc")
-    return [tuple(r.get(k) for k in keys) for r in rows] or None
+    return [tuple(r.get(k) for k in keys) for r in results["_rows"]] or None
 
 
 def identical_pairs(info: dict) -> list[tuple[str, str, list[int]]]:
     """Compared stage pairs that trained identically (the same losses and accuracies in every epoch), with
     the seeds where they did."""
-    root, runs = info["root"], info["runs"]
+    runs = info["runs"]
     out = []
     for _, a, b in COMPARISONS:
         if a in runs and b in runs:
             same = [k for k, (ra, rb) in enumerate(zip(runs[a], runs[b]))
-                    if (ta := _trajectory(ra, root)) is not None and ta == _trajectory(rb, root)]
+                    if (ta := _trajectory(ra)) is not None and ta == _trajectory(rb)]
             if same:
                 out.append((a, b, same))
     return out
@@ -234,10 +238,10 @@ def _figures(info: dict) -> list[str]:
     lines = []
     scheds = {}
     for d, label in SCHEDULES.items():
-        f = schedule_path(d, root, info["config"].pipeline.teacher_schedule)
-        act = schedule_activity(f)
-        if act is not None:
-            scheds[f"{label}: ops in {act[0]} of {act[1]} epochs"] = Schedule.load(f)
+        sched = info["schedules"][d]
+        if sched is not None:
+            active, epochs = schedule_activity(sched)
+            scheds[f"{label}: ops in {active} of {epochs} epochs"] = sched
     if scheds:
         plot_schedules_side_by_side(scheds, fig_dir / "schedules.png")
         lines.append("![schedules](figures/schedules.png)")
@@ -254,8 +258,7 @@ def _figures(info: dict) -> list[str]:
         for res in runs.get(st.name, []):
             if res is None:
                 continue
-            rows = read_rows(root / res["_dir"] / "metrics.jsonl", note=False, strict=False)
-            pts = [(r["epoch"] + 1, 100 * r["test_acc"]) for r in rows if "test_acc" in r]
+            pts = [(r["epoch"] + 1, 100 * r["test_acc"]) for r in res["_rows"] if "test_acc" in r]
             if pts:
                 per_seed.append(pts)
         if per_seed:
@@ -324,10 +327,10 @@ def build_report(root: str | Path) -> Path:
              f"KD method, teacher, λ, initialisation, {paper_epochs or 200} epochs; docs/PAPER_NUMBERS.md).", ""]
     lines += ["## Checks", ""]
     for d, label in SCHEDULES.items():
-        act = schedule_activity(schedule_path(d, root, cfg.pipeline.teacher_schedule))
-        if act is None:
+        sched = info["schedules"][d]
+        if sched is None:
             continue
-        active, epochs = act
+        active, epochs = schedule_activity(sched)
         if active == 0:
             lines.append(f"- **The learned schedule {label} is empty**: no op has a probability above 0 in any "
                          f"of its {epochs} epochs (the search's best member was never perturbed), so the stages "
