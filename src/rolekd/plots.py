@@ -56,11 +56,12 @@ def op_curves(s: ScheduleLike) -> tuple[np.ndarray, np.ndarray]:
     return prob, mag
 
 
-def _colors() -> list:
+def _colors(n: int = NUM_OPS) -> list:
+    """The first ``n`` colours of tab20 (ops: one each; search members: ``n = 20``, reused beyond)."""
     from matplotlib import colormaps
 
     cmap = colormaps["tab20"]
-    return [cmap(i) for i in range(NUM_OPS)]
+    return [cmap(i) for i in range(n)]
 
 
 def _style(k: int) -> str:
@@ -179,7 +180,7 @@ def plot_rewards(searches: Mapping[str, Sequence[Mapping[str, Any]]], path: str 
     n = len(searches)
     fig = Figure(figsize=(6.5 * n + 1.5, 4.5), dpi=dpi)
     axes = np.asarray(fig.subplots(1, n, squeeze=False))[0]
-    colors = _member_colors()
+    colors = _colors(20)
     for ax, (name, rows) in zip(axes, searches.items()):
         curves: dict[int, list[tuple[int, float]]] = {}
         for r in rows:
@@ -213,13 +214,6 @@ def plot_rewards(searches: Mapping[str, Sequence[Mapping[str, Any]]], path: str 
         fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def _member_colors() -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab20"]
-    return [cmap(i) for i in range(20)]
 
 
 def plot_test_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | os.PathLike, *,
