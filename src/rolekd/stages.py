@@ -34,14 +34,6 @@ class Stage:
         """Random crop and flip only (no learned policy, no cutout): the paper's baselines."""
         return self.kind == "train" and self.schedule is None
 
-    @property
-    def augmentation(self) -> str:
-        """In words: which augmentation the stage trains with."""
-        if self.kind == "search":
-            return "searched policies (PBA: crop, flip, policy, cutout)"
-        return {None: "random crop and flip only", "alpha_search": "crop, flip, teacher schedule A_T, cutout",
-                "beta_search": "crop, flip, student schedule A_S, cutout"}[self.schedule]
-
 
 TEACHER_STAGE = "teacher"  # the stage whose model is the frozen KD teacher of every KD stage
 

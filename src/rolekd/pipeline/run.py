@@ -43,8 +43,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 @dataclass(frozen=True)
 class StageRun:
     stage: Stage
-    k: int  # seed index (0 .. pipeline.seeds - 1; searches: 0)
-    dir: str
+    dir: str  # the run directory under the pipeline's: stage_dir(stage.name, seed index)
     config: Config
 
 
@@ -91,9 +90,9 @@ def stage_runs(cfg: Config, root: Path | None = None) -> list[StageRun]:
             raise UserError(f"pipeline.teacher_schedule: {given} not found: give a schedule file or a finished "
                             f"search run directory (with schedule.json)")
         stages = [st for st in stages if st.name != "alpha_search"]
-    runs = [StageRun(st, 0, stage_dir(st.name), stage_config(cfg, st, root)) for st in stages]
+    runs = [StageRun(st, stage_dir(st.name), stage_config(cfg, st, root)) for st in stages]
     for k in range(1, cfg.pipeline.seeds):
-        runs += [StageRun(st, k, stage_dir(st.name, k), stage_config(cfg, st, root, k))
+        runs += [StageRun(st, stage_dir(st.name, k), stage_config(cfg, st, root, k))
                  for st in stages if st.kind == "train"]
     return runs
 
