@@ -81,6 +81,15 @@ def atomic_write(path: str | os.PathLike, content: Content, *, fsync: bool = Tru
     return p
 
 
+def write_file(path: str | os.PathLike, content: Content) -> Path:
+    """:func:`atomic_write` for a user's output file: an OS error is one UserError line ("cannot write PATH:
+    reason")."""
+    try:
+        return atomic_write(path, content)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def _write_part(tmp: Path, content: Content, target: Path, fsync: bool = True) -> None:
     """Write ``content`` to ``tmp`` (and flush it to disk); any failure of a writer function (torch,
     safetensors and numpy report a full disk in their own exception types) becomes an OSError."""

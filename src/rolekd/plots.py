@@ -20,8 +20,7 @@ import numpy as np
 
 from rolekd.augment.schedule import Schedule
 from rolekd.augment.space import MAX_PROB, NUM_OPS, OPS, POLICY_LEN, validate_policy
-from rolekd.errors import UserError
-from rolekd.files import atomic_write
+from rolekd.files import write_file
 
 ScheduleLike = Union[Schedule, Sequence[Sequence[int]]]
 
@@ -101,10 +100,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    try:
-        return atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    return write_file(path, lambda p: fig.savefig(p, format="png"))
 
 
 def plot_schedule(schedule_or_list: ScheduleLike, path: str | os.PathLike, title: str | None = None, *,

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from rolekd.augment.space import OPS, POLICY_LEN, validate_policy
 from rolekd.errors import UserError
-from rolekd.files import atomic_write
+from rolekd.files import write_file
 
 FORMAT_NAME = "rolekd-schedule"
 FORMAT_VERSION = 1
@@ -315,7 +315,7 @@ class Schedule:
         pols = d.pop("policies")
         head = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in d.items())
         body = ",\n".join("    " + json.dumps(p) for p in pols)
-        _write_atomic(path, "{\n" + head + ',\n  "policies": [\n' + body + "\n  ]\n}\n")
+        write_file(path, "{\n" + head + ',\n  "policies": [\n' + body + "\n  ]\n}\n")
 
 
 # ---- PBT log lines ---------------------------------------------------------------------------
@@ -461,10 +461,3 @@ def _load_json(text: str, name: str) -> Schedule:
     pols = data.get("policies") if isinstance(data, dict) else None
     lines = _policy_line_numbers(text, pols) if isinstance(pols, list) else None
     return Schedule.from_dict(data, name=name, policy_lines=lines)
-
-
-def _write_atomic(path: str | os.PathLike, text: str) -> None:
-    try:
-        atomic_write(path, text)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
