@@ -18,7 +18,9 @@ CUDA: 16 WRN-40-2 members x 9 epochs (3 rounds) on PBA's reduced CIFAR-10 (4,000
         --model resnet18 --student iikd --w-bits 4 --epochs 3 --interval 3   # 16 4-bit ResNet18 II-KD students
 
 ``--executors`` picks which to run (default: local fused, plus ray on CUDA); ``fused+compile`` is the
-fused executor with ``train.compile=true`` (its vmapped forward/backward compiled). On CUDA, ray
+fused executor with ``train.compile=true`` (its vmapped forward/backward compiled); ``fused-grouped`` (and
+``fused-grouped+compile``) runs the fused executor with ``search.fused_kernel=grouped`` (HFTA-style grouped
+convolutions instead of vmap). On CUDA, ray
 gives every member ``1/population`` of the GPU (``--ray-num-gpus`` to change) in its own actor;
 ``ray-groups`` runs fused groups of ``--ray-group-size`` members per actor. ``--student METHOD`` makes a
 student-role search (the teacher: ``--teacher FILE.safetensors``, default an untrained network of
@@ -41,20 +43,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-EXECUTORS = ("local", "fused", "fused+compile", "ray", "ray-groups")
+EXECUTORS = ("local", "fused", "fused+compile", "fused-grouped", "fused-grouped+compile", "ray", "ray-groups")
 
 
 def build_config(a, out: Path, executor: str):
     from rolekd.config import load_config
 
-    kind = {"fused+compile": "fused", "ray-groups": "ray"}.get(executor, executor)
+    kind = "fused" if executor.startswith("fused") else "ray" if executor.startswith("ray") else executor
     ov = [f"model.name={a.model}", f"data.train_size={a.train_size}", f"data.val_size={a.val_size}",
           f"train.batch_size={a.batch_size}", f"train.eval_batch_size={a.eval_batch_size}",
           f"search.population={a.population}", f"search.epochs={a.epochs}",
           f"search.perturb_interval={a.interval}", f"search.executor={kind}", "train.progress=false",
           f"train.device={a.device}", f"out={out}"]
-    if executor == "fused+compile":
+    if executor.endswith("+compile"):
         ov.append("train.compile=true")
+    if executor.startswith("fused-grouped"):
+        ov.append("search.fused_kernel=grouped")
     if a.eval_every:
         ov.append(f"search.eval_every={a.eval_every}")
     ov += ["data.name=cifar10-jpeg", f"data.path={a.data_path}"] if a.data_path else ["data.name=cifar10-sample"]

@@ -8,9 +8,12 @@
 #   call); `early` = the earlier issues' checks: the KD step bench (issue 4), the batch-512 augmentation share
 #   (issue 3), the gpu-mini pipeline (issue 6, its report as a tarball); `bench` = loader / augment / train
 #   smoke / compile / KD benches; `mini` = the pipeline only;
-#   `search` = issue 14's search throughput: 16 WRN-40-2 members x 9 epochs (3 rounds) on the reduced 4,000 / 46,000
-#   split with the fused and the local executor, then 16 4-bit ResNet18 II-KD students fused (one round);
-#   `search-more` = the same WRN search fused with torch.compile, Ray with 1/16 GPU per member, Ray fused groups of 4
+#   `search` = issue 14's search throughput: the fused kernels' step (bench_fused_step: sequential / vmap / grouped,
+#   16 WRN-40-2 at batch 128), then 16 WRN-40-2 members x 9 epochs (3 rounds) on the reduced 4,000 / 46,000 split with
+#   the fused executor (vmap and grouped kernels) and the local one, then 16 4-bit ResNet18 II-KD students fused
+#   (one round, both kernels);
+#   `search-more` = the kernels compiled (bench_fused_step --compile, WRN-40-2 and 4-bit ResNet18), the WRN search
+#   fused with torch.compile (both kernels), Ray with 1/16 GPU per member, Ray fused groups of 4
 #   (Ray is not in the GPU image; without a Ray wheel in .whl those rows come back as errors in search_ray.json).
 set -u
 export PYTHONUNBUFFERED=1
@@ -26,15 +29,23 @@ mini() {
 if [ "${1:-}" = mini ]; then mini 560; exit 0; fi
 WRN_SEARCH="--device cuda --data-path .gpu/cifar10_jpeg.npz --model wrn_40_2 --population 16 --epochs 9 --interval 3"
 if [ "${1:-search}" = search ]; then
-  step 300 search_wrn python3 benchmarks/bench_search.py $WRN_SEARCH --executors fused local --quiet --out $OUT/search_wrn.json
-  step 250 search_iikd python3 benchmarks/bench_search.py --device cuda --data-path .gpu/cifar10_jpeg.npz --model resnet18 \
-    --population 16 --epochs 3 --interval 3 --student iikd --w-bits 4 --a-bits 4 --prepare-epochs 10 --executors fused \
-    --quiet --out $OUT/search_iikd.json
+  step 60 kernels_wrn python3 benchmarks/bench_fused_step.py --device cuda --model wrn_40_2 --members 16 --batch 128 \
+    --eval-batch 1000 --rounds 5 --out $OUT/kernels_wrn.json
+  step 330 search_wrn python3 benchmarks/bench_search.py $WRN_SEARCH --executors fused fused-grouped local --quiet \
+    --out $OUT/search_wrn.json
+  step 180 search_iikd python3 benchmarks/bench_search.py --device cuda --data-path .gpu/cifar10_jpeg.npz --model resnet18 \
+    --population 16 --epochs 3 --interval 3 --student iikd --w-bits 4 --a-bits 4 --prepare-epochs 10 \
+    --executors fused fused-grouped --quiet --out $OUT/search_iikd.json
   exit 0
 fi
 if [ "${1:-}" = search-more ]; then
-  step 200 search_compile python3 benchmarks/bench_search.py $WRN_SEARCH --executors fused+compile --quiet --out $OUT/search_compile.json
-  step 350 search_ray python3 benchmarks/bench_search.py $WRN_SEARCH --executors ray ray-groups --ray-group-size 4 \
+  step 120 kernels_compile python3 benchmarks/bench_fused_step.py --device cuda --model wrn_40_2 --members 16 \
+    --batch 128 --eval-batch 1000 --rounds 5 --compile --out $OUT/kernels_compile.json
+  step 60 kernels_r18q4 python3 benchmarks/bench_fused_step.py --device cuda --model resnet18 --bits 4 --members 16 \
+    --batch 128 --eval-batch 1000 --rounds 5 --out $OUT/kernels_r18q4.json
+  step 200 search_compile python3 benchmarks/bench_search.py $WRN_SEARCH --executors fused+compile \
+    fused-grouped+compile --quiet --out $OUT/search_compile.json
+  step 200 search_ray python3 benchmarks/bench_search.py $WRN_SEARCH --executors ray ray-groups --ray-group-size 4 \
     --ray-num-cpus 0.9 --quiet --out $OUT/search_ray.json
   exit 0
 fi

@@ -191,6 +191,9 @@ class SearchConfig(_Section):
     # local on CPU
     executor: Literal["auto", "local", "fused", "ray"] = "auto"
     ray_group_size: int = Field(1, ge=1)  # members per Ray actor, trained fused when > 1
+    # how the fused executor runs its stacked members: vmap (torch.func.vmap of functional_call) or grouped
+    # (HFTA-style grouped convolutions, members side by side along the channels)
+    fused_kernel: Literal["vmap", "grouped"] = "vmap"
     ray_address: str | None = None
     ray_num_cpus: float = Field(1.0, gt=0)
     ray_num_gpus: float = Field(0.0, ge=0)

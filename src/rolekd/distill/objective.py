@@ -188,6 +188,13 @@ class KDObjective(Objective):
             self._s_taps_model = base
         return self._s_taps
 
+    def release_student_taps(self) -> None:
+        """Remove the hooks of the student's feature taps (made again at the next step that needs them), so
+        that a copy of the student network carries none."""
+        if self._s_taps is not None:
+            self._s_taps.remove()
+        self._s_taps = self._s_taps_model = None
+
     def _forward_student(self, model: nn.Module, images: torch.Tensor) -> Outputs:
         if self._uses_taps:
             return self._student_taps(model)(images)

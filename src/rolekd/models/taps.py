@@ -84,3 +84,24 @@ class FeatureTaps:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+class TappedNet(nn.Module):
+    """``net`` with the taps a KD loss reads, as one module returning a dict: ``logits``, ``feature:<tap>``
+    (one per declared tap, with ``features``) and ``embedding`` (with ``embedding``); ``tapped=False``
+    returns the logits only. Used where a network runs functionally (``torch.func.functional_call``;
+    parameter names ``net.*``)."""
+
+    def __init__(self, net: nn.Module, features: bool = False, embedding: bool = False):
+        super().__init__()
+        self.net = net
+        self.taps = FeatureTaps(net, features=features, embedding=embedding) if features or embedding else None
+
+    def forward(self, x: torch.Tensor, tapped: bool = True) -> dict[str, torch.Tensor]:
+        if self.taps is None or not tapped:
+            return {"logits": self.net(x)}
+        out = self.taps(x)
+        res = {"logits": out.logits, **{"feature:" + k: v for k, v in out.features.items()}}
+        if out.embedding is not None:
+            res["embedding"] = out.embedding
+        return res

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,13 +61,10 @@ from ..config import Config
 from ..distill.base import as_float, distiller_class
 from ..distill.objective import KDObjective, clip_factor, clip_sum
 from ..errors import UserError
-from ..models.taps import FeatureTaps, Outputs
+from ..models.taps import Outputs, TappedNet
 from ..train import CrossEntropy, EpochSums, Trainer
+from .grouped import GroupedNet
 from .members import LocalExecutor, Member, MemberFactory, Outcome, error_outcome
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks_with_kwargs")
-
 
 def fused_unsupported(cfg: Config) -> str | None:
     """Why members of ``cfg`` (a search config) cannot be fused (None when they can)."""
@@ -130,25 +127,6 @@ class StackedWeights:
         return params, {name: t[a:a + n] for name, t in self.buffers.items()}, leaves
 
 
-class _TappedNet(nn.Module):
-    """The members' network (a copy used only for its structure) with the feature taps their KD loss needs;
-    returns a dict: ``logits``, ``feature:<tap>``, ``embedding``."""
-
-    def __init__(self, net: nn.Module, features: bool, embedding: bool):
-        super().__init__()
-        self.net = net
-        self.taps = FeatureTaps(net, features=features, embedding=embedding) if features or embedding else None
-
-    def forward(self, x: torch.Tensor, tapped: bool = True) -> dict[str, torch.Tensor]:
-        if self.taps is None or not tapped:
-            return {"logits": self.net(x)}
-        out = self.taps(x)
-        res = {"logits": out.logits, **{"feature:" + k: v for k, v in out.features.items()}}
-        if out.embedding is not None:
-            res["embedding"] = out.embedding
-        return res
-
-
 def _as_float(out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Stacked outputs in at least float32 (one cast per tensor for all members; exact for bf16)."""
     return {k: as_float(v) for k, v in out.items()}
@@ -174,7 +152,7 @@ class FusedExecutor(LocalExecutor):
         self.fallback = bool(fallback)
         self.verbose = verbose
         self.stack: StackedWeights | None = None
-        self.net: _TappedNet | None = None
+        self.net: TappedNet | None = None
         self.row: dict[int, int] = {}
         self._shared_teacher = False
         self._train_fwd = self._eval_fwd = None
@@ -198,25 +176,68 @@ class FusedExecutor(LocalExecutor):
             return
         obj = trainers[0].objective
         kd = isinstance(obj, KDObjective)
-        template = copy.deepcopy(trainers[0].model)  # its structure only: functional_call replaces its tensors
-        for mod in template.modules():
-            for attr in _HOOK_DICTS:
-                getattr(mod, attr, {}).clear()  # a member's own KD taps
-        self.net = _TappedNet(template, kd and obj.distiller.needs_features, kd and obj.distiller.needs_embedding)
+        for t in trainers:  # a member's own KD taps: hooks that a copy of its network must not carry
+            if isinstance(t.objective, KDObjective):
+                t.objective.release_student_taps()
+        # the network's structure only: functional_call replaces its tensors
+        template = copy.deepcopy(getattr(trainers[0].model, "_orig_mod", trainers[0].model))
+        features, embedding = kd and obj.distiller.needs_features, kd and obj.distiller.needs_embedding
+        self.net = TappedNet(template, features, embedding)
         self.stack = StackedWeights([t.model for t in trainers], prefix="net.")
         self.row = {i: r for r, i in enumerate(order)}
         self._shared_teacher = kd and all(t.objective.teacher is obj.teacher for t in trainers)
+        self.kernel = next(iter(configs.values())).search.fused_kernel
+        compile_ = trainers[0].cfg.compile  # train.compile: the fused forward (and its backward) compiled
         net = self.net
-        self._train_fwd = vmap(lambda p, b, x: functional_call(net, (p, b), (x,)), randomness="different")
-        self._eval_fwd = vmap(lambda p, b, x: functional_call(net, (p, b), (x,), {"tapped": False})["logits"],
-                              in_dims=(0, 0, None), randomness="different")
-        if trainers[0].cfg.compile:  # train.compile: the fused forward (and its backward) compiled once
-            self._train_fwd, self._eval_fwd = torch.compile(self._train_fwd), torch.compile(self._eval_fwd)
+        vmap_eval = vmap(lambda p, b, x: functional_call(net, (p, b), (x,), {"tapped": False})["logits"],
+                         in_dims=(0, 0, None), randomness="different")
+        if self.kernel == "grouped":
+            self._template, self._taps, self._compile, self._grouped = template, (features, embedding), compile_, {}
+            self._train_fwd = lambda p, b, x: self._grouped_net(x.shape[0])[1](p, b, x)
+            self._eval_fwd = lambda p, b, x: self._grouped_net(next(iter(p.values())).shape[0])[2](p, b, x)
+            self._check_grouped(trainers[0], vmap_eval)
+        else:
+            self._train_fwd = vmap(lambda p, b, x: functional_call(net, (p, b), (x,)), randomness="different")
+            self._eval_fwd = vmap_eval
+            if compile_:
+                self._train_fwd, self._eval_fwd = torch.compile(self._train_fwd), torch.compile(self._eval_fwd)
+
+    def _grouped_net(self, n: int) -> tuple[GroupedNet, Callable, Callable]:
+        """The grouped-convolution network of ``n`` members (``search.fused_kernel=grouped``), made once per
+        ``n``, in the tapped net's mode, with its (compiled, with ``train.compile``) training and evaluation
+        forwards."""
+        g = self._grouped.get(n)
+        if g is None:
+            net = GroupedNet(self._template, n, *self._taps)
+            run, shared = net.run, net.run_shared
+            if self._compile:
+                run, shared = torch.compile(run), torch.compile(shared)
+            g = self._grouped[n] = (net, run, shared)
+        g[0].train(self.net.training)
+        return g
+
+    def _check_grouped(self, trainer: Trainer, vmap_eval: Callable) -> None:
+        """Refuse a network whose forward mixes members' channels (see :mod:`rolekd.search.grouped`): the
+        grouped and the vmapped evaluation of two members on two images must agree."""
+        params, buffers, _ = self.stack.rows(0, min(2, self.stack.n))
+        params = {k: v.detach() for k, v in params.items()}
+        x = next(iter(trainer.eval_loaders["val"]))[0][:2]
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                want, got = vmap_eval(params, buffers, x).float(), self._eval_fwd(params, buffers, x).float()
+        finally:
+            self.net.train()
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
+            raise UserError(f"search.fused_kernel=grouped: {type(self._template).__name__}'s forward mixes the "
+                            f"members' channels (its grouped outputs differ from the members' own); use "
+                            f"search.fused_kernel=vmap")
 
     def close(self) -> None:
         if self.net is not None and self.net.taps is not None:
             self.net.taps.remove()
         self.stack = self.net = self._train_fwd = self._eval_fwd = None
+        self._grouped = {}
         super().close()
 
     # ------------------------------------------------------------------------------ training
