@@ -29,6 +29,7 @@ from ..config import Config, validate_config
 from ..errors import UserError
 from ..files import atomic_write
 from ..plots import plot_rewards, plot_schedules_side_by_side, plot_test_curves
+from ..stage_config import stage_config
 from ..stages import STAGES, Stage, schedule_path, stage, stage_dir
 from ..train.metrics import read_rows
 
@@ -150,23 +151,20 @@ def _paper_cells() -> tuple[list[dict], int | None]:
     return list(data.get("cells") or []), data.get("epochs")
 
 
-def cell_setting(cfg: Config, st: Stage, stage_cfg: dict | None) -> dict:
-    """The setting of one report cell, in the keys paper.yaml uses."""
-    c = validate_config(stage_cfg, "stage config") if stage_cfg else None
-    role = cfg.pipeline.teacher if st.role == "teacher" else cfg.pipeline.student
-    model = c.model.name if c else role.model.name
-    w_bits = c.quant.w_bits if c else role.quant.w_bits
-    epochs = c.train.epochs if c else int(role.train.get("epochs", cfg.train.epochs))
-    s = {"dataset": cfg.data.name, "model": model, "bits": w_bits, "row": st.paper_row, "epochs": epochs}
+def cell_setting(cfg: Config, st: Stage, stage_cfg: Config) -> dict:
+    """The setting of one report cell, in the keys paper.yaml uses, from the pipeline config ``cfg`` and the
+    config the stage ran (or would run) with."""
+    c = stage_cfg
+    s = {"dataset": cfg.data.name, "model": c.model.name, "bits": c.quant.w_bits, "row": st.paper_row,
+         "epochs": c.train.epochs}
     if st.role == "student":
         teacher = cfg.pipeline.teacher.model.name
         s["teacher"] = teacher
-        same = teacher == model
-        init = st.init == "teacher" and same and (c.kd.init_from_teacher if c else cfg.kd.init_from_teacher)
+        init = st.init == "teacher" and teacher == c.model.name and c.kd.init_from_teacher
         s["init"] = "teacher" if init else "scratch"
         if st.kd:
-            s["method"] = c.kd.method if c else role.method
-            s["lam"] = c.kd.lam if c else cfg.kd.lam
+            s["method"] = c.kd.method
+            s["lam"] = c.kd.lam
     return s
 
 
@@ -306,7 +304,9 @@ def _table(info: dict, role: str, cells: list[dict], paper_epochs: int | None) -
             continue
         accs = [a for a in _accs(runs.get(st.name, [])) if a is not None]
         first = _first(runs.get(st.name))
-        setting = cell_setting(cfg, st, (first or {}).get("_config"))
+        saved = (first or {}).get("_config")
+        sc = validate_config(saved, "stage config") if saved else stage_config(cfg, st, info["root"])
+        setting = cell_setting(cfg, st, sc)
         lines.append(f"| {st.label} | {_mean_std(accs)} | {len(accs)} | "
                      f"{paper_number(cells, paper_epochs, setting) or '—'} |")
     return lines + [""]
