@@ -5,6 +5,8 @@ evaluation pass of N members, as
 * ``vmap`` -- ``torch.func.vmap`` of ``functional_call`` over the stacked weights (``search.fused_kernel=vmap``);
 * ``grouped`` -- HFTA-style grouped convolutions, members side by side along the channels
   (``search.fused_kernel=grouped``);
+* ``grouped+cl`` -- grouped on channels-last activations (``--channels-last``, which also runs ``sequential`` on
+  channels-last networks and images, as the trainer does on CUDA);
 * ``vmap+compile`` / ``grouped+compile`` -- the same, ``torch.compile``-d (``--compile``).
 
 Rounds interleave the kernels (each round times every kernel once, in a rotating order) and the table gives
@@ -52,8 +54,14 @@ def build(a):
     nets = [m.to(a.device).train() for m in nets]
     template = copy.deepcopy(nets[0])
     stack = StackedWeights(nets, prefix="net.")
+    if a.channels_last:  # the members' own networks (sequential) as the trainer lays them out on CUDA
+        for m in nets:
+            for q in m.parameters():
+                if q.dim() == 4:
+                    q.data = q.data.contiguous(memory_format=torch.channels_last)
     tapped = TappedNet(template)
     grouped = GroupedNet(template, a.members)
+    grouped_cl = GroupedNet(template, a.members, channels_last=True)
 
     def fwd_vmap(p, b, x):
         return vmap(lambda p, b, x: functional_call(tapped, (p, b), (x,))["logits"], randomness="different")(p, b, x)
@@ -64,10 +72,12 @@ def build(a):
 
     fwd = {"vmap": fwd_vmap, "grouped": lambda p, b, x: grouped.run(p, b, x)["logits"]}
     evl = {"vmap": eval_vmap, "grouped": grouped.run_shared}
+    if a.channels_last:
+        fwd["grouped+cl"], evl["grouped+cl"] = lambda p, b, x: grouped_cl.run(p, b, x)["logits"], grouped_cl.run_shared
     if a.compile:
         for k in ("vmap", "grouped"):
             fwd[k + "+compile"], evl[k + "+compile"] = torch.compile(fwd[k]), torch.compile(evl[k])
-    return nets, stack, tapped, grouped, fwd, evl
+    return nets, stack, tapped, (grouped, grouped_cl), fwd, evl
 
 
 def main() -> None:
@@ -82,6 +92,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="steps per kernel per round")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile-d fused kernels")
     p.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (CUDA)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="sequential on channels-last networks and images, and the grouped+cl kernel")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -92,12 +104,15 @@ def main() -> None:
     x = torch.randn(n, a.batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (n, a.batch), device=dev)
     xe = torch.randn(a.eval_batch, 3, 32, 32, device=dev)
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    xs = [x[j].contiguous(memory_format=fmt) for j in range(n)]  # each member's own batch (sequential)
+    xe_seq = xe.contiguous(memory_format=fmt)
     amp = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=a.bf16)
 
     def train_seq():
         for j, net in enumerate(nets):
             with amp:
-                loss = F.cross_entropy(net(x[j]).float(), y[j])
+                loss = F.cross_entropy(net(xs[j]).float(), y[j])
             torch.autograd.grad(loss, [q for q in net.parameters() if q.requires_grad])
 
     def train_fused(kernel):
@@ -114,7 +129,7 @@ def main() -> None:
         for net in nets:
             net.eval()
             with amp:
-                net(xe)
+                net(xe_seq)
             net.train()
 
     def eval_fused(kernel):
@@ -122,10 +137,12 @@ def main() -> None:
         def run():
             params, buffers, _ = stack.rows(0, n)
             params = {k: v.detach() for k, v in params.items()}
-            tapped.eval(), grouped.eval()
+            for m in (tapped, *grouped):
+                m.eval()
             with amp:
                 evl[kernel](params, buffers, xe)
-            tapped.train(), grouped.train()
+            for m in (tapped, *grouped):
+                m.train()
         return run
 
     kernels = ["sequential"] + list(fwd)

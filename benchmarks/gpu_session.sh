@@ -30,7 +30,7 @@ if [ "${1:-}" = mini ]; then mini 560; exit 0; fi
 WRN_SEARCH="--device cuda --data-path .gpu/cifar10_jpeg.npz --model wrn_40_2 --population 16 --epochs 9 --interval 3"
 if [ "${1:-search}" = search ]; then
   step 60 kernels_wrn python3 benchmarks/bench_fused_step.py --device cuda --model wrn_40_2 --members 16 --batch 128 \
-    --eval-batch 1000 --rounds 5 --out $OUT/kernels_wrn.json
+    --eval-batch 1000 --rounds 5 --bf16 --channels-last --out $OUT/kernels_wrn.json
   step 330 search_wrn python3 benchmarks/bench_search.py $WRN_SEARCH --executors fused fused-grouped local --quiet \
     --out $OUT/search_wrn.json
   step 180 search_iikd python3 benchmarks/bench_search.py --device cuda --data-path .gpu/cifar10_jpeg.npz --model resnet18 \
@@ -40,9 +40,9 @@ if [ "${1:-search}" = search ]; then
 fi
 if [ "${1:-}" = search-more ]; then
   step 120 kernels_compile python3 benchmarks/bench_fused_step.py --device cuda --model wrn_40_2 --members 16 \
-    --batch 128 --eval-batch 1000 --rounds 5 --compile --out $OUT/kernels_compile.json
+    --batch 128 --eval-batch 1000 --rounds 5 --bf16 --channels-last --compile --out $OUT/kernels_compile.json
   step 60 kernels_r18q4 python3 benchmarks/bench_fused_step.py --device cuda --model resnet18 --bits 4 --members 16 \
-    --batch 128 --eval-batch 1000 --rounds 5 --out $OUT/kernels_r18q4.json
+    --batch 128 --eval-batch 1000 --rounds 5 --bf16 --channels-last --out $OUT/kernels_r18q4.json
   step 200 search_compile python3 benchmarks/bench_search.py $WRN_SEARCH --executors fused+compile \
     fused-grouped+compile --quiet --out $OUT/search_compile.json
   step 200 search_ray python3 benchmarks/bench_search.py $WRN_SEARCH --executors ray ray-groups --ray-group-size 4 \

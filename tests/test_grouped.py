@@ -49,17 +49,25 @@ def rel(a, b):
 # float64: no activation lands on the other side of a ReLU kink or a DoReFa level by float rounding (in float32
 # one of 100,000 activations does now and then, measured: one flipped ReLU in WRN-10-1 moves a conv gradient by
 # 1.6% of its largest entry), so each member is checked against its own network to 1e-9
-@pytest.mark.parametrize("name,bits,n,training", [
-    (name, bits, n, training) for name, bits, n in [("resnet_tiny", 32, 3), ("resnet_tiny", 4, 3), ("wrn_10_1", 32, 3),
-                                                    ("wrn_10_1", 2, 3), ("preresnet20", 32, 2)]
-    for training in (True, False)] + [("alexnet", 4, 2, True),  # 4-bit linear layers, BatchNorm1d (20 s)
-                                      pytest.param("alexnet", 4, 2, False, marks=pytest.mark.slow)])
-def test_grouped_network_computes_each_members_own_network(name, bits, n, training):
+CASES = [(name, bits, n, training, False) for name, bits, n in [("resnet_tiny", 32, 3), ("resnet_tiny", 4, 3),
+                                                                ("wrn_10_1", 32, 3), ("wrn_10_1", 2, 3),
+                                                                ("preresnet20", 32, 2)] for training in (True, False)]
+CASES += [("resnet_tiny", 4, 3, True, True), ("wrn_10_1", 2, 3, True, True),  # channels-last (the CUDA layout)
+          ("alexnet", 4, 2, True, False),  # 4-bit linear layers, BatchNorm1d (20 s)
+          pytest.param("alexnet", 4, 2, False, False, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name,bits,n,training,channels_last", CASES)
+def test_grouped_network_computes_each_members_own_network(name, bits, n, training, channels_last):
     nets = [m.double() for m in members(name, n, bits)]
-    copies = copy.deepcopy(nets)  # each member run alone, the reference
+    # each member run alone, the reference, in the same memory layout (2-bit WRN-10-1 has a channel that is
+    # constant before the head's BatchNorm, whose output is then +-1e-15 either side of the ReLU by the
+    # layout's summation order: the layouts differ from each other there, not the kernel from the member)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    copies = [m.to(memory_format=fmt) for m in copy.deepcopy(nets)]
     stack = StackedWeights(nets, prefix="net.")
     params, buffers, leaves = stack.rows(0, n)
-    g = GroupedNet(nets[0], n, features=True, embedding=True).train(training)
+    g = GroupedNet(nets[0], n, features=True, embedding=True, channels_last=channels_last).train(training)
     torch.manual_seed(1)
     x = torch.randn(n, 6, 3, 32, 32, dtype=torch.float64)
     out = g.run(params, buffers, x)
@@ -67,7 +75,7 @@ def test_grouped_network_computes_each_members_own_network(name, bits, n, traini
     grads = torch.autograd.grad(sum((v * v).flatten(1).mean(1).sum() for v in out.values()), leaves)
     for j, net in enumerate(copies):
         net.train(training)
-        ref = own_outputs(net, x[j])
+        ref = own_outputs(net, x[j].contiguous(memory_format=fmt))
         assert out.keys() == ref.keys()
         for k in ref:
             assert out[k][j].shape == ref[k].shape, k

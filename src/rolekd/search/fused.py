@@ -192,7 +192,8 @@ class FusedExecutor(LocalExecutor):
         vmap_eval = vmap(lambda p, b, x: functional_call(net, (p, b), (x,), {"tapped": False})["logits"],
                          in_dims=(0, 0, None), randomness="different")
         if self.kernel == "grouped":
-            self._template, self._taps, self._compile, self._grouped = template, (features, embedding), compile_, {}
+            self._template, self._compile, self._grouped = template, compile_, {}
+            self._grouped_args = (features, embedding, trainers[0].channels_last)
             self._train_fwd = lambda p, b, x: self._grouped_net(x.shape[0])[1](p, b, x)
             self._eval_fwd = lambda p, b, x: self._grouped_net(next(iter(p.values())).shape[0])[2](p, b, x)
             self._check_grouped(trainers[0], vmap_eval)
@@ -208,7 +209,7 @@ class FusedExecutor(LocalExecutor):
         forwards."""
         g = self._grouped.get(n)
         if g is None:
-            net = GroupedNet(self._template, n, *self._taps)
+            net = GroupedNet(self._template, n, *self._grouped_args)
             run, shared = net.run, net.run_shared
             if self._compile:
                 run, shared = torch.compile(run), torch.compile(shared)

@@ -20,7 +20,9 @@ concatenation) is not member-separable in this layout: :meth:`GroupedNet.check` 
 the vmapped forward and :class:`~rolekd.search.fused.FusedExecutor` refuses such a network with one line.
 A module with parameters or buffers other than the above is refused when the network is built.
 
-Weights are never copied: :meth:`GroupedNet.run` hands every layer a reshaped *view* of the stacked
+With ``channels_last`` (the members' trainers' choice: on by default on CUDA) the joint input is laid out
+channels-last, so every grouped convolution runs on NHWC activations (the weights stay views of the stacked
+tensors). Weights are never copied: :meth:`GroupedNet.run` hands every layer a reshaped *view* of the stacked
 tensors (``torch.func.functional_call``), so gradients arrive at the stacked leaves in their ``(n, ...)``
 shape and BatchNorm's updates land in the stacked buffers, exactly as with the vmapped kernel.
 """
@@ -145,28 +147,31 @@ class GroupedNet(nn.Module):
     buffers (``(n, ...)`` each, as :class:`~rolekd.search.fused.StackedWeights` gives them) and returns
     what the vmapped ``functional_call`` of a :class:`TappedNet` returns."""
 
-    def __init__(self, net: nn.Module, n: int, features: bool = False, embedding: bool = False):
+    def __init__(self, net: nn.Module, n: int, features: bool = False, embedding: bool = False,
+                 channels_last: bool = False):
         super().__init__()
         self.n = n
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         grouped = copy.deepcopy(net)
         _convert(grouped, n, "")
         self.tapped = TappedNet(grouped, features, embedding)
         self.shapes = {k: v.shape for k, v in self.tapped.named_parameters()}
         self.shapes.update({k: v.shape for k, v in self.tapped.named_buffers()})
 
-    def _views(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.reshape(self.shapes[k]) for k, v in tensors.items()}
+    def _call(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], joint: torch.Tensor,
+              tapped: bool) -> dict[str, torch.Tensor]:
+        views = ({k: v.reshape(self.shapes[k]) for k, v in params.items()},
+                 {k: v.reshape(self.shapes[k]) for k, v in buffers.items()})
+        joint = joint.contiguous(memory_format=self.memory_format)
+        out = functional_call(self.tapped, views, (joint,), {"tapped": tapped})
+        return {k: _to_members(v, self.n) for k, v in out.items()}
 
     def run(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
             x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every member's outputs on its own batch: ``x`` is ``(n, N, C, H, W)``; outputs ``(n, N, ...)``."""
-        joint = x.transpose(0, 1).flatten(1, 2)  # (N, n*C, H, W)
-        out = functional_call(self.tapped, (self._views(params), self._views(buffers)), (joint,))
-        return {k: _to_members(v, self.n) for k, v in out.items()}
+        return self._call(params, buffers, x.transpose(0, 1).flatten(1, 2), True)  # (N, n*C, H, W)
 
     def run_shared(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
                    x: torch.Tensor) -> torch.Tensor:
         """Every member's logits ``(n, N, K)`` on the same images ``x`` ``(N, C, H, W)``."""
-        joint = x.repeat(1, self.n, 1, 1)
-        out = functional_call(self.tapped, (self._views(params), self._views(buffers)), (joint,), {"tapped": False})
-        return _to_members(out["logits"], self.n)
+        return self._call(params, buffers, x.repeat(1, self.n, 1, 1), False)["logits"]
