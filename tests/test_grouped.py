@@ -111,15 +111,19 @@ BASE = ["data.name=cifar10-sample", "data.train_size=64", "data.val_size=64", "t
         "train.progress=false", "train.device=cpu", "search.fused_kernel=grouped"]
 
 
-def test_pyramidnet_shortcut_padding_is_refused_by_the_grouped_kernel(tmp_path):
+def test_pyramidnet_shortcut_padding_is_refused_by_the_grouped_kernel_before_the_run_dir(tmp_path):
     from rolekd.config import load_config
-    from rolekd.experiment import MemberFactory, Session
+    from rolekd.experiment import MemberFactory, Session, search_from_config
     from rolekd.search import member_config, search_config
 
-    cfg = search_config(load_config(None, BASE + ["model.name=pyramidnet_11_12", f"out={tmp_path}"]))
-    ex = FusedExecutor(MemberFactory(Session()))
-    with pytest.raises(UserError, match="PyramidNet's forward mixes the members' channels.*fused_kernel=vmap"):
-        ex.start({i: member_config(cfg, i) for i in range(2)})
+    cfg = load_config(None, BASE + ["model.name=pyramidnet_11_12", f"out={tmp_path / 'run'}", "search.executor=fused"])
+    msg = "PyramidNet's forward mixes the members' channels.*fused_kernel=vmap"
+    with pytest.raises(UserError, match=msg):
+        search_from_config(cfg, verbose=False)
+    assert not (tmp_path / "run").exists()  # so that the suggested rerun with the vmap kernel is a fresh run
+    ex = FusedExecutor(MemberFactory(Session()))  # the executor refuses it too (members built by other means)
+    with pytest.raises(UserError, match=msg):
+        ex.start({i: member_config(search_config(cfg), i) for i in range(2)})
     ok = FusedExecutor(MemberFactory(Session()))  # the same network with the vmap kernel
     cfg = search_config(load_config(None, BASE + ["model.name=pyramidnet_11_12", f"out={tmp_path}",
                                                   "search.fused_kernel=vmap"]))

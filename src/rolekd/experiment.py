@@ -46,6 +46,7 @@ from .files import (LOCK_NAME, RunLock, atomic_write, check_weights, dump_json, 
 from .models import create
 from .quant import quantize_model
 from .search import Search, finished_search, member_config, search_config
+from .search.grouped import check_grouped
 from .search.ray_executor import probe_address
 from .train import NonFiniteLoss, Trainer, resolve_device
 
@@ -362,8 +363,9 @@ class MemberFactory:
 def check_config(cfg: Config, session: Session | None = None, files: bool = True) -> None:
     """Check what a run of ``cfg`` needs, before its run directory is made: the data (with a
     ``session``: loaded, and the split sizes), the model (built on the meta device), the KD method and
-    its options, and with ``files`` the schedule file and the teacher's weights (they exist, fit the
-    teacher's model, are finite). One UserError line for the first problem."""
+    its options, with ``search.fused_kernel=grouped`` (and an executor that may fuse) that the grouped
+    kernel can run the network, and with ``files`` the schedule file and the teacher's weights (they exist,
+    fit the teacher's model, are finite). One UserError line for the first problem."""
     num_classes = 10
     if session is not None:
         bundle = build_data(cfg, session)
@@ -377,6 +379,9 @@ def check_config(cfg: Config, session: Session | None = None, files: bool = True
             weights, name, _ = teacher_ref(cfg)
             teacher = build_model(cfg, num_classes, model_name=name, quantize=False)
             check_weights(teacher, read_weights(weights), weights, what="teacher checkpoint")
+    if cfg.search.fused_kernel == "grouped" and cfg.search.executor != "local":  # (two copies of the network, CPU)
+        shape = tuple(bundle.test.images.shape[1:]) if session is not None else (3, 32, 32)
+        check_grouped(build_model(cfg, num_classes), torch.randn(2, *shape))
     if files:
         build_schedule(cfg, cfg.train.epochs)
 

@@ -16,9 +16,10 @@ Layout: a batch of member ``j`` occupies channels ``[j*C, (j+1)*C)`` of one ``(N
 * elementwise modules, pooling, ``Flatten`` and residual sums act on the joint tensor unchanged.
 
 A network whose ``forward`` mixes channels by position (PyramidNet's zero-padded shortcut, a channel
-concatenation) is not member-separable in this layout: :meth:`GroupedNet.check` compares one forward with
-the vmapped forward and :class:`~rolekd.search.fused.FusedExecutor` refuses such a network with one line.
-A module with parameters or buffers other than the above is refused when the network is built.
+concatenation) is not member-separable in this layout: :func:`check_grouped` evaluates two differing copies
+as one grouped network against each copy's own forward and refuses such a network with one line (the run's
+config check does, before its run directory is made, and the fused executor again when it starts). A module
+with parameters or buffers other than the above is refused when the network is built.
 
 With ``channels_last`` (the members' trainers' choice: on by default on CUDA) the joint input is laid out
 channels-last, so every grouped convolution runs on NHWC activations (the weights stay views of the stacked
@@ -35,7 +36,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, stack_module_state, vmap
 
 from ..errors import UserError
 from ..models.taps import TappedNet
@@ -175,3 +176,21 @@ class GroupedNet(nn.Module):
                    x: torch.Tensor) -> torch.Tensor:
         """Every member's logits ``(n, N, K)`` on the same images ``x`` ``(N, C, H, W)``."""
         return self._call(params, buffers, x.repeat(1, self.n, 1, 1), False)["logits"]
+
+
+def check_grouped(net: nn.Module, x: torch.Tensor) -> None:
+    """Raise :class:`UserError` (one line) if the grouped kernel cannot run ``net``: two copies of it (the
+    second's parameters scaled, so the members differ), evaluated on the images ``x`` as one grouped network,
+    must give each copy's own logits."""
+    nets = [copy.deepcopy(net).eval() for _ in range(2)]
+    with torch.no_grad():
+        for p in nets[1].parameters():
+            p.mul_(1.5)
+        params, buffers = stack_module_state(nets)
+        g = GroupedNet(nets[0], 2).eval()
+        got = g.run_shared({"net." + k: v for k, v in params.items()}, {"net." + k: v for k, v in buffers.items()}, x)
+        want = torch.stack([m(x) for m in nets])
+    scale = float(want.abs().max())
+    if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-4 * scale):
+        raise UserError(f"search.fused_kernel=grouped: {type(net).__name__}'s forward mixes the members' channels "
+                        f"(its grouped outputs differ from the members' own); use search.fused_kernel=vmap")
