@@ -54,7 +54,9 @@ def build(a):
     nets = [m.to(a.device).train() for m in nets]
     template = copy.deepcopy(nets[0])
     stack = StackedWeights(nets, prefix="net.")
-    if a.channels_last:  # the members' own networks (sequential) as the trainer lays them out on CUDA
+    # the members' own networks (sequential) as the trainer lays them out on CUDA; their conv weights become
+    # copies of the stacked rows, which only the timing reads
+    if a.channels_last:
         for m in nets:
             for q in m.parameters():
                 if q.dim() == 4:

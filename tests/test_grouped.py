@@ -113,7 +113,7 @@ BASE = ["data.name=cifar10-sample", "data.train_size=64", "data.val_size=64", "t
 
 def test_pyramidnet_shortcut_padding_is_refused_by_the_grouped_kernel_before_the_run_dir(tmp_path):
     from rolekd.config import load_config
-    from rolekd.experiment import MemberFactory, Session, search_from_config
+    from rolekd.experiment import MemberFactory, Session, check_config, search_from_config
     from rolekd.search import member_config, search_config
 
     cfg = load_config(None, BASE + ["model.name=pyramidnet_11_12", f"out={tmp_path / 'run'}", "search.executor=fused"])
@@ -124,6 +124,7 @@ def test_pyramidnet_shortcut_padding_is_refused_by_the_grouped_kernel_before_the
     ex = FusedExecutor(MemberFactory(Session()))  # the executor refuses it too (members built by other means)
     with pytest.raises(UserError, match=msg):
         ex.start({i: member_config(search_config(cfg), i) for i in range(2)})
+    check_config(cfg, search=False)  # a plain training run of the same config does not use the kernel
     ok = FusedExecutor(MemberFactory(Session()))  # the same network with the vmap kernel
     cfg = search_config(load_config(None, BASE + ["model.name=pyramidnet_11_12", f"out={tmp_path}",
                                                   "search.fused_kernel=vmap"]))

@@ -360,12 +360,13 @@ class MemberFactory:
 
 
 # ---------------------------------------------------------------------------------------- runs
-def check_config(cfg: Config, session: Session | None = None, files: bool = True) -> None:
+def check_config(cfg: Config, session: Session | None = None, files: bool = True, search: bool = False) -> None:
     """Check what a run of ``cfg`` needs, before its run directory is made: the data (with a
     ``session``: loaded, and the split sizes), the model (built on the meta device), the KD method and
-    its options, with ``search.fused_kernel=grouped`` (and an executor that may fuse) that the grouped
-    kernel can run the network, and with ``files`` the schedule file and the teacher's weights (they exist,
-    fit the teacher's model, are finite). One UserError line for the first problem."""
+    its options, with ``search`` (the network is trained by a search) and ``search.fused_kernel=grouped``
+    (and an executor that may fuse) that the grouped kernel can run the network, and with ``files`` the
+    schedule file and the teacher's weights (they exist, fit the teacher's model, are finite). One
+    UserError line for the first problem."""
     num_classes = 10
     if session is not None:
         bundle = build_data(cfg, session)
@@ -379,7 +380,7 @@ def check_config(cfg: Config, session: Session | None = None, files: bool = True
             weights, name, _ = teacher_ref(cfg)
             teacher = build_model(cfg, num_classes, model_name=name, quantize=False)
             check_weights(teacher, read_weights(weights), weights, what="teacher checkpoint")
-    if cfg.search.fused_kernel == "grouped" and cfg.search.executor != "local":  # (two copies of the network, CPU)
+    if search and cfg.search.fused_kernel == "grouped" and cfg.search.executor != "local":  # two copies, on CPU
         shape = tuple(bundle.test.images.shape[1:]) if session is not None else (3, 32, 32)
         check_grouped(build_model(cfg, num_classes), torch.randn(2, *shape))
     if files:
@@ -479,7 +480,7 @@ def search_from_config(cfg: Config, run_dir: Path | None = None, executor=None, 
             summary = finished_search(run_dir, verbose)
             if summary is not None:
                 return summary
-        check_config(member_config(cfg, 0), session)  # what every member is built from
+        check_config(member_config(cfg, 0), session, search=True)  # what every member is built from
         if executor is None and cfg.search.executor == "ray" and cfg.search.ray_address:
             probe_address(cfg.search.ray_address)  # an unreachable cluster: one line, before the run dir
         lock.acquire()

@@ -93,7 +93,7 @@ def run_pipeline(config: Config | str | Path | None = None, overrides: list[str]
         cfg = pipeline_config(config, overrides)
     for role in (cfg.pipeline.teacher, cfg.pipeline.student):  # networks and KD method, before any directory
         check_config(derive(cfg, "pipeline", model=role.model, quant=role.quant, pipeline=None,
-                            kd={"method": role.method, "teacher": None}), files=False)
+                            kd={"method": role.method, "teacher": None}), files=False, search=True)
     check_run_dir(cfg, cfg.run_dir())  # read-only: nothing is written into a foreign or another run's directory
     with RunLock(cfg.run_dir()):
         root = prepare_run_dir(cfg)

@@ -2,7 +2,8 @@
 
 * :mod:`rolekd.search.pbt` -- the controller: ranking, exploit/explore, lineages, PBT logs;
 * :mod:`rolekd.search.members` -- a member (a trainer + its policy) and the local executor;
-* :mod:`rolekd.search.fused` -- the fused executor: all members as one stacked model (``torch.func.vmap``);
+* :mod:`rolekd.search.fused` -- the fused executor: all members as one stacked model (``torch.func.vmap``, or
+  :mod:`rolekd.search.grouped`'s grouped convolutions);
 * :mod:`rolekd.search.ray_executor` -- members (or fused groups of members) as Ray actors;
 * :mod:`rolekd.search.run` -- :class:`Search`, one search in a run directory (rounds, logs, resume).
 

@@ -14,8 +14,10 @@ how a round trains:
 * **Lockstep training.** The members of one :meth:`~FusedExecutor.train` call whose rows are
   contiguous and who are at the same epoch train their epochs together. Per step each member draws its
   batch from its own loader inside its own random streams (the data order and per-sample augmentation
-  it draws in the local executor), the batches are stacked, and one ``torch.func.vmap`` of
-  ``functional_call`` runs every member's network forward on its own batch (BatchNorm in training mode
+  it draws in the local executor), the batches are stacked, and one forward runs every member's
+  network on its own batch -- a ``torch.func.vmap`` of ``functional_call`` (``search.fused_kernel=vmap``)
+  or grouped convolutions with the members side by side along the channels (``grouped``,
+  :mod:`rolekd.search.grouped`) (BatchNorm in training mode
   with the stacked running statistics; DoReFa quantizers take each member's own maximum). The loss is
   then computed *per member*, by that member's own objective pieces on its slice of the outputs: plain
   cross-entropy, or the KD objective's task loss, λ and KD loss with the member's own distiller (its
@@ -31,8 +33,7 @@ how a round trains:
   message the local executor gives; the others continue. A failure of the fused step itself fails every
   member of that lockstep group (the controller restores and retries them).
 * **Evaluation** (by the trainer's rule: every ``train.eval_every`` epochs and after the last epoch of
-  the call): every member on the same validation batch in one vmapped pass (the images are shared,
-  ``in_dims=None``).
+  the call): every member on the same validation batch in one pass (the images are shared).
 
 Timings: a member's ``train_time_s`` (and ``eval_s``) is its share of the fused epoch's wall time (the
 wall time divided by the members of the group), so that the search's summed training time is wall time.
@@ -42,7 +43,7 @@ cross-entropy and :class:`~rolekd.distill.objective.KDObjective`; ``search.execu
 (:func:`fused_unsupported`), ``search.executor=auto`` falls back to the local executor for them. Random
 operations inside the network's forward (dropout) draw from the process's stream under vmap
 (``randomness="different"``), not from the member's. ``train.compile`` compiles the fused forward
-(``torch.compile`` of the vmapped ``functional_call``) instead of each member's network.
+(``torch.compile`` of the kernel's forward) instead of each member's network.
 """
 
 from __future__ import annotations
@@ -403,7 +404,7 @@ class FusedExecutor(LocalExecutor):
     @torch.no_grad()
     def _evaluate_rows(self, ts: list[Trainer], a: int, n: int, split: str) -> list[dict]:
         """Accuracy and mean cross-entropy of rows ``a .. a + n - 1`` on ``split`` (the loader of the
-        first member, shared by all), every member on each batch in one vmapped pass."""
+        first member, shared by all), every member on each batch in one fused pass."""
         loader = ts[0].eval_loaders[split]
         if any(t.eval_loaders[split] is not loader for t in ts):
             return [t.evaluate(t.eval_loaders[split]) for t in ts]
