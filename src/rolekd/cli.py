@@ -27,7 +27,7 @@ import torch
 
 from . import __version__
 from .config import Config, load_config
-from .errors import UserError
+from .errors import RunFailed, UserError
 from .experiment import search_from_config, train_from_config
 from .models import list_models
 from .pipeline import run_pipeline
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"rolekd: error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, RunFailed) as e:
         print(f"rolekd: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except OSError as e:

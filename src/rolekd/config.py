@@ -246,6 +246,14 @@ class PipelineConfig(_Section):
     # A_T from elsewhere instead of the stage-α search (the paper transfers CIFAR-10's A_T to CIFAR-100):
     # a rolekd schedule file or a finished search run directory (its schedule.json); alpha_search is skipped
     teacher_schedule: str | None = None
+    # how many stages run at once, each an ordinary run in its own process: None (auto) = on CPU the CPUs this
+    # process may use (each stage with train.threads = CPUs / workers, 1 by default), on CUDA the visible GPUs
+    # (one each); 1 = one stage after another in this process
+    workers: int | None = Field(None, ge=1)
+    # local: worker processes on this machine; ray: each stage a Ray task (search.ray_address, or a local Ray)
+    executor: Literal["local", "ray"] = "local"
+    ray_num_cpus: float | None = Field(None, gt=0)  # per stage task; None = its train.threads
+    ray_num_gpus: float | None = Field(None, ge=0)  # per stage task; None = 1 on CUDA, else 0
 
     @field_validator("baselines")
     @classmethod

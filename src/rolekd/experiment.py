@@ -51,7 +51,9 @@ from .search.ray_executor import probe_address
 from .train import NonFiniteLoss, Trainer, resolve_device
 
 # keys that may differ between a run and its resumption (and ``out``: a run directory may be moved)
-_VOLATILE = {("train", "progress"), ("train", "device"), ("train", "threads"), ("search", "ray_address")}
+_VOLATILE = {("train", "progress"), ("train", "device"), ("train", "threads"), ("search", "ray_address"),
+             ("pipeline", "workers"), ("pipeline", "executor"), ("pipeline", "ray_num_cpus"),
+             ("pipeline", "ray_num_gpus")}
 _PREPARE_SEED = 7919  # RNG of a KD method's own preparation (batch shuffling, initialisation, dropout)
 
 
@@ -190,7 +192,11 @@ def set_batchnorm(model: nn.Module, momentum: float | None = None, eps: float | 
 
 
 def channels_last(cfg: Config, device: torch.device) -> bool:
-    return cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+    """``train.channels_last``; ``auto`` is on for CUDA and for a CPU run with one thread (``train.threads``
+    or its default), where it was measured faster (benchmarks/RESULTS.md), and off for several CPU threads."""
+    if cfg.train.channels_last != "auto":
+        return cfg.train.channels_last == "on"
+    return device.type == "cuda" or (device.type == "cpu" and cfg.train.num_threads() == 1)
 
 
 def make_loaders(cfg: Config, bundle: DataBundle, device: torch.device, augment=None

@@ -19,8 +19,12 @@ of stage ``S`` is ``S/`` for ``k = 0`` and ``S_seed<k>/`` otherwise. The searche
 student distils from the first seed's stage-α teacher (``teacher/``, the paper's fixed pre-trained
 teacher), so stages pair up seed by seed.
 
-All stages of one run share one :class:`~rolekd.experiment.Session` (the decoded data, the frozen
-teacher and MHGD's prepared attention are made once).
+Stages run as the dependency graph they are (:mod:`rolekd.pipeline.graph`): each starts once the teacher
+and the schedule it needs exist, ``pipeline.workers`` at a time (default: one per CPU on CPU, each with
+one thread; one per GPU on CUDA), in worker processes or as Ray tasks (``pipeline.executor=ray``). With
+one worker the stages run one after another in this process and share one
+:class:`~rolekd.experiment.Session` (the decoded data, the frozen teacher and MHGD's prepared attention
+are made once); each worker process keeps its own.
 """
 
 from __future__ import annotations
@@ -31,12 +35,12 @@ from pathlib import Path
 
 from ..config import Config, derive, load_config
 from ..errors import UserError
-from ..experiment import (Session, check_config, check_run_dir, prepare_run_dir, search_from_config,
-                          train_from_config)
+from ..experiment import Session, check_config, check_run_dir, prepare_run_dir
 from ..files import RunLock, atomic_write
 from ..report import build_report
 from ..stage_config import stage_config
 from ..stages import STAGES, Stage, schedule_path, stage_dir
+from .graph import Task, make_executor, plan, run_graph, with_threads
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -98,14 +102,14 @@ def run_pipeline(config: Config | str | Path | None = None, overrides: list[str]
     with RunLock(cfg.run_dir()):
         root = prepare_run_dir(cfg)
         runs = stage_runs(cfg, root)
-        results: dict[str, dict] = {}
+        pl = plan(cfg, len(runs))
+        tasks = [with_threads(Task(r.dir, r.stage.kind, r.config), pl.threads) for r in runs]
+        where = {"inline": "one after another in this process", "local": f"{pl.workers} worker processes",
+                 "ray": f"Ray tasks, at most {pl.workers} at once"}[pl.executor]
+        threads = f", {pl.threads} thread(s) each" if pl.threads else ""
+        print(f"== rolekd run: {len(tasks)} stage runs, {where}{threads}", flush=True)
         with Session() as session:
-            for i, r in enumerate(runs, 1):
-                print(f"== rolekd run: stage {i}/{len(runs)}: {r.dir} -> {r.config.out}", flush=True)
-                if r.stage.kind == "search":
-                    results[r.dir] = search_from_config(r.config, session=session)
-                else:
-                    results[r.dir] = train_from_config(r.config, log_name=r.dir, session=session)
+            results = run_graph(tasks, make_executor(cfg, pl, session))
         atomic_write(root / "results.json", json.dumps(results, indent=2, default=str))
         report = build_report(root)
     print(f"report: {report}")

@@ -96,6 +96,39 @@ def _within(seconds: float, fn, *args, **kwargs):
     return out.get("value")
 
 
+def connect_ray(address: str | None, init_kwargs: Mapping[str, Any] | None = None):
+    """Ray, connected: to ``address`` (probed first, bounded by :data:`CONNECT_TIMEOUT_S`; a UserError
+    when it cannot be reached), or a local instance with the CPUs this process may use and the visible
+    GPUs; nothing when Ray is already initialised. Returns (ray, whether this call started it). Workers
+    import rolekd the way this process does (its package root joins their PYTHONPATH)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray, False
+    kw = {"include_dashboard": False, "log_to_driver": True}
+    kw.update(init_kwargs or {})
+    # workers must import rolekd the way this process does (e.g. PYTHONPATH=src in a checkout)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(rolekd.__file__)))
+    path = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
+    os.environ["PYTHONPATH"] = path  # inherited by a local instance's workers
+    if address:
+        probe_address(address)
+        try:
+            _within(CONNECT_TIMEOUT_S, ray.init, address=address, runtime_env={"env_vars": {"PYTHONPATH": path}}, **kw)
+        except (TimeoutError, ConnectionError, RuntimeError, ValueError) as e:
+            why = ("no answer" if isinstance(e, TimeoutError)
+                   else f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            raise UserError(f"cannot connect to the Ray cluster at search.ray_address={address} within "
+                            f"{CONNECT_TIMEOUT_S:g} s ({why}); check the address and that the cluster runs "
+                            f"this Ray version") from None
+    else:
+        import torch
+
+        kw.setdefault("num_cpus", available_cpus())  # the CPUs this process may use, not the machine's
+        kw.setdefault("num_gpus", torch.cuda.device_count())
+        ray.init(**kw)
+    return ray, True
+
+
 def _actor_class(ray):
     global _ACTOR_CLASS
     if _ACTOR_CLASS is not None:
@@ -164,33 +197,7 @@ class RayExecutor:
 
     # ------------------------------------------------------------------------------ lifecycle
     def _init_ray(self) -> None:
-        ray = self.ray
-        if ray.is_initialized():
-            return
-        kw = {"include_dashboard": False, "log_to_driver": True}
-        kw.update(self.init_kwargs)
-        # workers must import rolekd the way this process does (e.g. PYTHONPATH=src in a checkout)
-        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(rolekd.__file__)))
-        path = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
-        os.environ["PYTHONPATH"] = path  # inherited by a local instance's workers
-        if self.address:
-            probe_address(self.address)
-            try:
-                _within(CONNECT_TIMEOUT_S, ray.init, address=self.address,
-                        runtime_env={"env_vars": {"PYTHONPATH": path}}, **kw)
-            except (TimeoutError, ConnectionError, RuntimeError, ValueError) as e:
-                why = ("no answer" if isinstance(e, TimeoutError)
-                       else f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-                raise UserError(f"cannot connect to the Ray cluster at search.ray_address={self.address} within "
-                                f"{CONNECT_TIMEOUT_S:g} s ({why}); check the address and that the cluster runs "
-                                f"this Ray version") from None
-        else:
-            import torch
-
-            kw.setdefault("num_cpus", available_cpus())  # the CPUs this process may use, not the machine's
-            kw.setdefault("num_gpus", torch.cuda.device_count())
-            ray.init(**kw)
-        self.started_ray = True
+        self.ray, self.started_ray = connect_ray(self.address, self.init_kwargs)
 
     def _check_resources(self, n: int) -> None:
         res = self.ray.cluster_resources()

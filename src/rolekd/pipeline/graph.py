@@ -1,0 +1,360 @@
+"""The pipeline's stages as the dependency graph they are, run on one or more workers.
+
+A stage needs the runs whose outputs its config reads: the stage-α teacher (``kd.teacher``) and the
+search whose ``schedule.json`` it trains with (``augment.schedule``). Everything else is independent: once
+the teacher exists, only-KD, KD + A_T, the vanilla baselines and every seed of every stage can run at once.
+:func:`run_graph` starts each run as soon as what it needs has finished, on
+
+* ``inline``: one run after another in this process (``pipeline.workers=1``), sharing one Session;
+* ``local``: ``pipeline.workers`` worker processes on this machine (spawned; each keeps a Session of its
+  own, runs torch with the stage's ``train.threads`` and, where several GPUs are visible, one GPU each;
+  each dies with this process);
+* ``ray``: each run a Ray task (``search.ray_address``, or a local Ray) with ``pipeline.ray_num_cpus`` /
+  ``pipeline.ray_num_gpus``.
+
+Each run is an ordinary resumable run in its own locked directory, so the workers change nothing in
+what a run computes (given its threads): a rerun resumes whatever was interrupted. Among the runs that
+are ready, those that more runs wait for start first (the critical path: search, teacher, search,
+student). When a run fails, no new run starts, the runs in flight finish, and the first failure is
+raised; an interrupt stops every worker.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..config import Config, available_cpus, derive
+from ..errors import RunFailed, UserError
+from ..experiment import Session, search_from_config, train_from_config
+from ..search.ray_executor import connect_ray
+from ..train import NonFiniteLoss, resolve_device
+
+
+@dataclass(frozen=True)
+class Task:
+    """One run of the pipeline: its directory name (under the pipeline's), kind and config."""
+
+    dir: str
+    kind: str  # "search" or "train"
+    config: Config
+
+
+def dependencies(tasks: Sequence[Task]) -> dict[str, set[str]]:
+    """For each task, the tasks whose outputs its config reads: the run directory its ``kd.teacher``
+    names, and the search whose ``schedule.json`` its ``augment.schedule`` names."""
+    out_of = {Path(t.config.run_dir()).resolve(): t.dir for t in tasks}
+    needs: dict[str, set[str]] = {}
+    for t in tasks:
+        refs = []
+        if t.config.kd.teacher:
+            refs.append(Path(t.config.kd.teacher).expanduser())
+        if t.config.augment.schedule:
+            refs.append(Path(t.config.augment.schedule).expanduser().parent)
+        needs[t.dir] = {out_of[r.resolve()] for r in refs if r.resolve() in out_of} - {t.dir}
+    return needs
+
+
+def _waiting(needs: dict[str, set[str]]) -> dict[str, int]:
+    """How many tasks wait (directly or through others) for each task."""
+    after: dict[str, set[str]] = {d: set() for d in needs}
+    for d, ns in needs.items():
+        for n in ns:
+            after[n].add(d)
+
+    def down(d: str, seen: set[str]) -> set[str]:
+        for a in after[d] - seen:
+            seen.add(a)
+            down(a, seen)
+        return seen
+
+    return {d: len(down(d, set())) for d in needs}
+
+
+def order_ready(ready: Sequence[str], needs: dict[str, set[str]], position: dict[str, int]) -> list[str]:
+    """The ready tasks in the order they start: most tasks waiting for them first, then table order."""
+    waiting = _waiting(needs)
+    return sorted(ready, key=lambda d: (-waiting[d], position[d]))
+
+
+# ---------------------------------------------------------------------------------------- one run
+def run_task(task: Task, session: Session | None = None) -> dict:
+    """Run (or resume, or report) one task; its ``result.json`` / ``search.json`` content."""
+    if task.kind == "search":
+        return search_from_config(task.config, session=session)
+    return train_from_config(task.config, log_name=task.dir, session=session)
+
+
+class _NoTTY:
+    """A stream that says it is not a terminal: a worker's per-step progress bars would garble the shared
+    terminal, so workers print their one line per epoch only."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+_WORKER_SESSION: Session | None = None  # the Session of a worker process (one per process, for its runs)
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the process that started it dies (a killed ``rolekd run``
+    leaves no worker training on, holding a stage's lock)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_init(gpus: Any) -> None:
+    global _WORKER_SESSION
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers on Ctrl-C
+    if gpus is not None:  # one GPU per worker, before torch initialises CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())
+    sys.stderr = _NoTTY(sys.stderr)
+    _WORKER_SESSION = Session()
+
+
+def _worker_run(task: Task) -> dict:
+    import torch
+
+    torch.set_num_threads(task.config.train.num_threads())
+    return run_task(task, _WORKER_SESSION)
+
+
+def _ray_run(task: Task) -> dict:
+    import torch
+
+    torch.set_num_threads(task.config.train.num_threads())
+    return run_task(task)
+
+
+# ---------------------------------------------------------------------------------------- executors
+class InlineExecutor:
+    """One task after another in this process, with one shared Session."""
+
+    name = "inline"
+    slots = 1
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def submit(self, task: Task) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        try:
+            fut.set_result(run_task(task, self.session))
+        except (UserError, NonFiniteLoss, OSError, RunFailed) as e:
+            fut.set_exception(e)
+        return fut
+
+    def wait(self, futures, timeout=None):
+        return set(futures), set()
+
+    def close(self, cancel: bool = False) -> None:
+        pass
+
+
+class ProcessExecutor:
+    """``workers`` spawned worker processes (see the module docstring)."""
+
+    name = "local"
+
+    def __init__(self, workers: int, gpus: int = 0):
+        ctx = mp.get_context("spawn")
+        queue = None
+        if gpus > 1:
+            queue = ctx.Queue()
+            for i in range(workers):
+                queue.put(i % gpus)
+        self.slots = workers
+        self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                           initargs=(queue,))
+
+    def submit(self, task: Task) -> cf.Future:
+        return self.pool.submit(_worker_run, task)
+
+    def wait(self, futures, timeout=None):
+        return cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            for p in list(getattr(self.pool, "_processes", {}).values()):
+                p.kill()  # an interrupt: stop the runs in flight now (each resumes on rerun)
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+class RayStageExecutor:
+    """Each task a Ray task on ``search.ray_address`` (or a local Ray started here)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None, num_cpus: float, num_gpus: float, slots: int):
+        self.ray, self.started = connect_ray(address)
+        self.remote = self.ray.remote(_ray_run).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+        self.slots = slots
+        self.refs: dict[Any, cf.Future] = {}
+
+    def submit(self, task: Task) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        self.refs[self.remote.remote(task)] = fut
+        return fut
+
+    def wait(self, futures, timeout=None):
+        ray = self.ray
+        pending = [r for r, f in self.refs.items() if not f.done()]
+        if pending:
+            done, _ = ray.wait(pending, num_returns=1, timeout=timeout)
+            for r in done:
+                fut = self.refs.pop(r)
+                try:
+                    fut.set_result(ray.get(r))
+                except ray.exceptions.RayTaskError as e:
+                    cause = getattr(e, "cause", None)
+                    fut.set_exception(cause if isinstance(cause, BaseException) else RunFailed(str(e).splitlines()[0]))
+                except ray.exceptions.RayError as e:
+                    fut.set_exception(RunFailed(f"a Ray worker was lost ({type(e).__name__})"))
+        done = {f for f in futures if f.done()}
+        return done, set(futures) - done
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            for r in self.refs:
+                try:
+                    self.ray.cancel(r, force=True)
+                except Exception:
+                    pass
+        if self.started and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class Plan:
+    """How a pipeline's runs are executed: the executor, how many run at once, each run's threads."""
+
+    executor: str  # inline | local | ray
+    workers: int
+    threads: int | None  # train.threads of each run (None: unchanged)
+    gpus: int  # visible CUDA devices (0 on CPU)
+
+
+def plan(cfg: Config, n_tasks: int) -> Plan:
+    """The execution plan of ``cfg.pipeline`` (see :class:`~rolekd.config.PipelineConfig`)."""
+    p = cfg.pipeline
+    device = resolve_device(cfg.train.device)
+    gpus = 0
+    if device.type == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count() if device.index is None else 1
+    cpus = available_cpus()
+    threads = cfg.train.threads
+    if p.workers is not None:
+        workers = p.workers
+    elif gpus:
+        workers = gpus
+    else:
+        workers = max(1, cpus // threads) if threads else cpus
+    workers = max(1, min(workers, n_tasks))
+    if threads is None and not gpus:
+        threads = max(1, cpus // workers)
+    if p.executor == "ray":
+        return Plan("ray", workers, threads, gpus)
+    return Plan("inline" if workers == 1 else "local", workers, threads, gpus)
+
+
+def make_executor(cfg: Config, pl: Plan, session: Session):
+    if pl.executor == "inline":
+        return InlineExecutor(session)
+    if pl.executor == "local":
+        return ProcessExecutor(pl.workers, pl.gpus)
+    p = cfg.pipeline
+    cpus = p.ray_num_cpus if p.ray_num_cpus is not None else float(pl.threads or 1)
+    gpus = p.ray_num_gpus if p.ray_num_gpus is not None else (1.0 if pl.gpus else 0.0)
+    return RayStageExecutor(cfg.search.ray_address, cpus, gpus, pl.workers)
+
+
+# ---------------------------------------------------------------------------------------- the runner
+def _say(msg: str) -> None:
+    print(f"== rolekd run: {msg}", flush=True)
+
+
+def run_graph(tasks: Sequence[Task], executor, on_done: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+    """Run every task once what it needs has finished, at most ``executor.slots`` at a time; returns
+    {dir: result} in task order. The first failure is raised after the tasks in flight finish (those
+    waiting for the failed one never start); KeyboardInterrupt stops everything."""
+    needs = dependencies(tasks)
+    position = {t.dir: i for i, t in enumerate(tasks)}
+    by_dir = {t.dir: t for t in tasks}
+    results: dict[str, dict] = {}
+    running: dict[cf.Future, str] = {}
+    started: dict[str, float] = {}
+    failures: list[tuple[str, BaseException]] = []
+    total = len(tasks)
+    try:
+        while True:
+            if not failures:
+                ready = [t.dir for t in tasks if t.dir not in results and t.dir not in started
+                         and needs[t.dir] <= set(results)]
+                for d in order_ready(ready, needs, position)[:max(0, executor.slots - len(running))]:
+                    started[d] = time.time()
+                    names = sorted(list(running.values()) + [d], key=position.get)
+                    _say(f"start {d} -> {by_dir[d].config.out} ({len(results)}/{total} done; running: "
+                         f"{', '.join(names)})")
+                    running[executor.submit(by_dir[d])] = d
+            if not running:
+                break
+            done, _ = executor.wait(list(running))
+            for fut in done:
+                d = running.pop(fut)
+                err = fut.exception()
+                if err is not None:
+                    if isinstance(err, BrokenProcessPool):
+                        err = RunFailed(f"a worker process died while stage {d} ran; rerun the same command to "
+                                        f"resume")
+                    failures.append((d, err))
+                    _say(f"stage {d} failed after {time.time() - started[d]:.0f} s"
+                         + (f"; waiting for {', '.join(running.values())}" if running else ""))
+                    continue
+                results[d] = fut.result()
+                if on_done is not None:
+                    on_done(d, results[d])
+                _say(f"done {d} in {time.time() - started[d]:.0f} s ({len(results)}/{total} done)")
+    except BaseException:
+        executor.close(cancel=True)
+        raise
+    executor.close()
+    if failures:
+        d, err = failures[0]
+        if isinstance(err, UserError):
+            raise UserError(f"stage {d}: {err}") from None
+        if isinstance(err, NonFiniteLoss):
+            raise NonFiniteLoss(f"stage {d}: {err}", row=err.row, epoch=err.epoch) from None
+        if isinstance(err, (OSError, RunFailed)):
+            raise err
+        raise RunFailed(f"stage {d} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") \
+            from err
+    return {t.dir: results[t.dir] for t in tasks}
+
+
+def with_threads(task: Task, threads: int | None) -> Task:
+    """``task`` with ``train.threads`` set (a volatile key: a stage run with other threads resumes)."""
+    if threads is None or task.config.train.threads == threads:
+        return task
+    return Task(task.dir, task.kind, derive(task.config, f"pipeline stage {task.dir}", train={"threads": threads}))
