@@ -15,20 +15,43 @@
 #   `search-more` = the kernels compiled (bench_fused_step --compile, WRN-40-2 and 4-bit ResNet18), the WRN search
 #   fused with torch.compile (both kernels), Ray with 1/16 GPU per member, Ray fused groups of 4
 #   (Ray is not in the GPU image; without a Ray wheel in .whl those rows come back as errors in search_ray.json).
+# `pipeline` = the multi-GPU-ready row: the gpu-mini pipeline with its stages on pipeline.workers = the visible
+#   GPUs (one stage per GPU at a time; on one GPU the stages run one after another).
+# `dry` = on CPU, no GPU needed (tests/test_gpu_session.py runs it): every command of every mode is parsed by its
+#   own argument parser and its rolekd config validated (benchmarks/dry_check.py), nothing trained; then the
+#   `pipeline` row runs for real at micro size on CPU with 2 workers. Exits 1 when any command fails.
 set -u
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD/src
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/gpu.txt
-python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >> $OUT/gpu.txt
-step() { local t=$1; shift; local name=$1; shift; echo "== $name"; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?" >> "$OUT/$name.log"; tail -n 12 "$OUT/$name.log"; }
-mini() {
-  step "$1" gpu_mini python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz out=/tmp/gm
-  tar czf $OUT/gpu_mini.tar.gz --exclude=checkpoint --exclude='*.safetensors' --exclude=search_state -C /tmp gm
+DRY=0
+FAILED=0
+if [ "${1:-}" = dry ]; then
+  DRY=1; OUT=${OUT:-$(mktemp -d)}; export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD/src
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/gpu.txt
+  python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" >> $OUT/gpu.txt
+fi
+step() {  # step SECONDS NAME COMMAND...: run it (its log in $OUT), or in dry mode parse it only
+  local t=$1; shift; local name=$1; shift
+  if [ $DRY = 1 ]; then
+    [ "$1" = python3 ] && shift
+    python3 benchmarks/dry_check.py "$@" || { echo "dry: FAILED $name" >&2; FAILED=1; }
+    return 0
+  fi
+  echo "== $name"; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?" >> "$OUT/$name.log"; tail -n 12 "$OUT/$name.log"
 }
-if [ "${1:-}" = mini ]; then mini 560; exit 0; fi
 WRN_SEARCH="--device cuda --data-path .gpu/cifar10_jpeg.npz --model wrn_40_2 --population 16 --epochs 9 --interval 3"
-if [ "${1:-search}" = search ]; then
+mode_mini() {
+  step "${1:-560}" gpu_mini python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz out=/tmp/gm
+  [ $DRY = 1 ] || tar czf $OUT/gpu_mini.tar.gz --exclude=checkpoint --exclude='*.safetensors' --exclude=search_state -C /tmp gm
+}
+mode_pipeline() {
+  local gpus; gpus=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$gpus" -ge 1 ] || gpus=1
+  step 560 pipeline_workers python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz \
+    pipeline.workers=$gpus out=/tmp/gmw
+}
+mode_search() {
   step 60 kernels_wrn python3 benchmarks/bench_fused_step.py --device cuda --model wrn_40_2 --members 16 --batch 128 \
     --eval-batch 1000 --rounds 5 --bf16 --channels-last --out $OUT/kernels_wrn.json
   step 330 search_wrn python3 benchmarks/bench_search.py $WRN_SEARCH --executors fused fused-grouped local --quiet \
@@ -36,9 +59,8 @@ if [ "${1:-search}" = search ]; then
   step 180 search_iikd python3 benchmarks/bench_search.py --device cuda --data-path .gpu/cifar10_jpeg.npz --model resnet18 \
     --population 16 --epochs 3 --interval 3 --student iikd --w-bits 4 --a-bits 4 --prepare-epochs 10 \
     --executors fused fused-grouped --quiet --out $OUT/search_iikd.json
-  exit 0
-fi
-if [ "${1:-}" = search-more ]; then
+}
+mode_search_more() {
   step 120 kernels_compile python3 benchmarks/bench_fused_step.py --device cuda --model wrn_40_2 --members 16 \
     --batch 128 --eval-batch 1000 --rounds 5 --bf16 --channels-last --compile --out $OUT/kernels_compile.json
   step 60 kernels_r18q4 python3 benchmarks/bench_fused_step.py --device cuda --model resnet18 --bits 4 --members 16 \
@@ -47,20 +69,40 @@ if [ "${1:-}" = search-more ]; then
     fused-grouped+compile --quiet --out $OUT/search_compile.json
   step 200 search_ray python3 benchmarks/bench_search.py $WRN_SEARCH --executors ray ray-groups --ray-group-size 4 \
     --ray-num-cpus 0.9 --quiet --out $OUT/search_ray.json
-  exit 0
-fi
-if [ "${1:-}" = early ]; then
+}
+mode_early() {
   step 100 kd python3 benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --unclipped iikd --out $OUT/kd.json
   step 60 augment python3 benchmarks/bench_augment.py --device cuda --batch 4096 --train-step --out $OUT/augment.json
-  mini 400
-  exit 0
+  mode_mini 400
+}
+mode_bench() {
+  step 120 loader python3 benchmarks/bench_loader.py --device cuda --workers 8 --data-path .gpu/cifar10_jpeg.npz \
+    --gpu-models resnet18 wrn_40_2 --batches 128 512 --steps 40 --out $OUT/loader.json
+  step 100 augment python3 benchmarks/bench_augment.py --device cuda --batch 4096 --train-step --out $OUT/augment.json
+  step 120 train_smoke python3 -m rolekd.cli train model=resnet18 dataset=cifar10-jpeg data.path=.gpu/cifar10_jpeg.npz \
+    epochs=2 out=/tmp/r18 train.progress=false augment.schedule=.gpu/rcifar10_16_wrn.txt augment.schedule_epochs=200
+  step 120 compile python3 benchmarks/bench_loader.py --device cuda --data-path .gpu/cifar10_jpeg.npz \
+    --gpu-models resnet18 --batches 512 --steps 40 --compile --out $OUT/compile.json
+  step 120 kd python3 benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --out $OUT/kd.json
+}
+if [ $DRY = 1 ]; then
+  for mode in search search_more early bench mini pipeline; do echo "== dry: $mode"; "mode_$mode"; done
+  echo "== dry: the pipeline row on CPU, 2 workers, micro size"
+  python3 -m rolekd.cli run configs/gpu-mini.yaml train.device=cpu data.name=cifar10-sample data.train_size=128 \
+    data.val_size=128 data.max_train=384 data.max_test=200 train.epochs=1 train.batch_size=64 train.eval_batch_size=200 \
+    search.population=2 search.epochs=1 search.perturb_interval=1 kd.prepare_epochs=1 pipeline.workers=2 \
+    pipeline.teacher.model=resnet_tiny pipeline.student.model=resnet_tiny pipeline.student.train.epochs=1 \
+    out="$OUT/dry_pipeline" > "$OUT/dry_pipeline.log" 2>&1 \
+    && [ -f "$OUT/dry_pipeline/report.md" ] || { echo "dry: FAILED the pipeline row" >&2; tail -n 5 "$OUT/dry_pipeline.log" >&2; FAILED=1; }
+  echo "dry: done (failed=$FAILED)"
+  exit $FAILED
 fi
-if [ "${1:-}" != bench ]; then echo "unknown mode ${1:-}: use search, search-more, early, bench or mini" >&2; exit 2; fi
-step 120 loader python3 benchmarks/bench_loader.py --device cuda --workers 8 --data-path .gpu/cifar10_jpeg.npz \
-  --gpu-models resnet18 wrn_40_2 --batches 128 512 --steps 40 --out $OUT/loader.json
-step 100 augment python3 benchmarks/bench_augment.py --device cuda --batch 4096 --train-step --out $OUT/augment.json
-step 120 train_smoke python3 -m rolekd.cli train model=resnet18 dataset=cifar10-jpeg data.path=.gpu/cifar10_jpeg.npz \
-  epochs=2 out=/tmp/r18 train.progress=false augment.schedule=.gpu/rcifar10_16_wrn.txt augment.schedule_epochs=200
-step 120 compile python3 benchmarks/bench_loader.py --device cuda --data-path .gpu/cifar10_jpeg.npz \
-  --gpu-models resnet18 --batches 512 --steps 40 --compile --out $OUT/compile.json
-step 120 kd python3 benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --out $OUT/kd.json
+case "${1:-search}" in
+  search) mode_search ;;
+  search-more) mode_search_more ;;
+  early) mode_early ;;
+  bench) mode_bench ;;
+  mini) mode_mini 560 ;;
+  pipeline) mode_pipeline ;;
+  *) echo "unknown mode ${1:-}: use search, search-more, early, bench, mini, pipeline or dry" >&2; exit 2 ;;
+esac

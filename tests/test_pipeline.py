@@ -1,5 +1,6 @@
 """`rolekd run` end to end on a micro configuration: every stage, the report, kill and resume."""
 
+import importlib.util
 import json
 import math
 import os
@@ -38,6 +39,8 @@ pipeline:
   student: {model: resnet_tiny, w_bits: 4, a_bits: 4, method: iikd,
             train: {optimizer: adam, lr: 0.001, weight_decay: 1.0e-5}}
 """
+# the micro run's stages on two worker processes of one thread each (the default on 2 CPUs)
+WORKERS = ["pipeline.workers=2", "train.threads=1"]
 TRAINED = ("teacher", "vanilla_teacher", "student", "vanilla_student", "student_alpha", "only_kd",
            "student_teacher_schedule")
 
@@ -52,7 +55,7 @@ def micro(tmp_path_factory):
     d = tmp_path_factory.mktemp("pipe")
     cfg = d / "micro.yaml"
     cfg.write_text(MICRO)
-    run_pipeline(cfg, [f"out={d / 'run'}"])
+    run_pipeline(cfg, [f"out={d / 'run'}"] + WORKERS)
     return cfg, d / "run"
 
 
@@ -238,39 +241,125 @@ def test_report_rebuilds_from_the_run_dir(micro, capsys):
     assert main(["report", str(root / "teacher" / "checkpoint")]) == 2
 
 
+def same_results(ref_root, root):
+    """Every stage's accuracy and both schedules of two pipeline runs are equal."""
+    for stage in STAGES:
+        name = "search.json" if stage.endswith("_search") else "result.json"
+        key = "best_val_acc" if stage.endswith("_search") else "test_acc"
+        for d in (stage,) if stage.endswith("_search") else (stage, f"{stage}_seed1"):
+            a = json.loads((ref_root / d / name).read_text())
+            b = json.loads((root / d / name).read_text())
+            assert a[key] == b[key], d
+    for search in ("alpha_search", "beta_search"):
+        assert Schedule.load(root / search / "schedule.json") == Schedule.load(ref_root / search / "schedule.json")
+
+
+def _workers_of(pid):
+    """The worker processes (multiprocessing spawn children) of process ``pid``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and "spawn_main" in cmd:
+            out.append(int(d.name))
+    return out
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def test_kill_at_any_point_and_rerun_completes_with_the_same_results(micro, tmp_path):
+    """Killed (SIGKILL) in the middle of a search, its workers die with it; a worker killed in the middle of a
+    KD training fails the run with one line (exit 1); the rerun resumes both and ends with the same results."""
     cfg, ref_root = micro
     root = tmp_path / "run"
     env = dict(os.environ)
-    # the reference ran in this process with torch.get_num_threads() threads (tests/conftest.py); the
-    # subprocess must use as many (its default follows the CPUs it may use, 1 under `taskset -c 1`), or
-    # float reductions round differently and the accuracies of the two runs need not be equal
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(torch.get_num_threads())
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "rolekd.cli", "run", str(cfg), f"out={root}", f"train.threads={torch.get_num_threads()}"]
-    # kill it in the middle of a search, then in the middle of a KD training
-    for marker in (root / "alpha_search" / "search_state", root / "student" / "checkpoint" / "state.pt"):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "rolekd.cli", "run", str(cfg), f"out={root}"] + WORKERS
+
+    def start_and_wait_for(marker):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 300
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before the kill point"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        return proc
+
+    proc = start_and_wait_for(root / "alpha_search" / "search_state")
+    workers = _workers_of(proc.pid)
+    assert workers, "no worker process found"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while any(map(_alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, workers)), "a worker outlived the killed run"
+
+    proc = start_and_wait_for(root / "student" / "checkpoint" / "state.pt")
+    os.kill(_workers_of(proc.pid)[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("rolekd: error: ") and "died" in last and "rerun" in last, err[-2000:]
     assert not (root / "report.md").exists()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    for stage in STAGES:
-        name = "search.json" if stage.endswith("_search") else "result.json"
-        a = json.loads((ref_root / stage / name).read_text())
-        b = json.loads((root / stage / name).read_text())
-        key = "best_val_acc" if stage.endswith("_search") else "test_acc"
-        assert a[key] == b[key], stage
-    from rolekd.augment.schedule import Schedule
+    same_results(ref_root, root)
 
-    for search in ("alpha_search", "beta_search"):
-        assert Schedule.load(root / search / "schedule.json") == Schedule.load(ref_root / search / "schedule.json")
+
+def test_one_worker_gives_the_same_results_as_two(micro, tmp_path):
+    """The stages in this process, one after another (one thread each, as the fixture's two workers)."""
+    cfg, ref_root = micro
+    run_pipeline(cfg, [f"out={tmp_path / 'run'}", "pipeline.workers=1", "train.threads=1"])
+    same_results(ref_root, tmp_path / "run")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
+def test_stages_as_ray_tasks_give_the_same_results(micro, tmp_path):
+    import ray
+
+    cfg, ref_root = micro
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_pipeline(cfg, [f"out={tmp_path / 'run'}", "pipeline.executor=ray", "train.threads=1"])
+    finally:
+        ray.shutdown()
+    same_results(ref_root, tmp_path / "run")
+
+
+def test_a_failing_stage_is_one_line_and_the_finished_stages_stay(micro, tmp_path, monkeypatch, capsys):
+    """The stage-β student diverges (planted): one line, exit 1, and the stages finished before it keep their
+    results (a rerun would skip them); nothing waits for a report."""
+    import rolekd.pipeline.graph as graph
+    from rolekd.train import NonFiniteLoss
+
+    cfg, ref_root = micro
+    root = tmp_path / "run"
+    real = graph.train_from_config
+
+    def train(config, **kw):
+        if kw.get("log_name") == "student":
+            raise NonFiniteLoss("planted divergence")
+        return real(config, **kw)
+
+    monkeypatch.setattr(graph, "train_from_config", train)
+    rc = main(["run", str(cfg), f"out={root}", "pipeline.workers=1", "train.threads=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == ["rolekd: error: stage student: planted divergence"]
+    # the critical path ran first: the α search, the teacher and the β search finished, as in the reference
+    assert json.loads((root / "teacher" / "result.json").read_text())["test_acc"] == \
+        json.loads((ref_root / "teacher" / "result.json").read_text())["test_acc"]
+    assert (root / "alpha_search" / "search.json").is_file() and (root / "beta_search" / "search.json").is_file()
+    assert not (root / "student" / "result.json").exists() and not (root / "report.md").exists()
 
 
 def test_paper_numbers_appear_only_for_a_matching_setting(micro, tmp_path, monkeypatch):

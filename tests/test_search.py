@@ -472,3 +472,63 @@ def test_evaluating_only_where_pbt_reads_the_reward_gives_the_same_search(refere
         if r["val_acc"]:
             assert (r["val_acc"], r["val_loss"]) == (q["val_acc"], q["val_loss"])
         assert (r["train_loss"], r["policy"]) == (q["train_loss"], q["policy"])
+
+
+# ---------------------------------------------------------------------------------------- wiring of the search
+@pytest.mark.parametrize("q", [0.25, 0.5])
+def test_search_quantile_and_explore_reach_the_members(tmp_path, q):
+    """End to end, 8 members perturbed after every epoch: ``search.quantile`` sets how many members each
+    perturbation replaces (8 members: 2 at 0.25, 4 at 0.5; at 4 members a rule that floors instead of
+    ceiling or that ignores the fraction can hide), every exploit's new policy differs from the policy it
+    cloned (explore ran), the clone's policy is what the cloned member trained with, and the target trains
+    its next epoch with the explored policy (rewards.csv, one row per member and epoch)."""
+    out = tmp_path / "s"
+    search_from_config(config(out, "search.population=8", "search.epochs=3", "search.perturb_interval=1",
+                              f"search.quantile={q}", "data.train_size=128", "data.val_size=128",
+                              "train.batch_size=64"), verbose=False)
+    lines = [ast.literal_eval(line) for line in (out / "pbt_global.txt").read_text().splitlines()]
+    rows = {(int(r["member"]), int(r["epoch"])): parse_policy_string(r["policy"])
+            for r in csv.DictReader(open(out / "rewards.csv"))}
+    per_round = {}
+    for target, clone, it, _, old, new in lines:
+        per_round[it] = per_round.get(it, 0) + 1
+        assert new["hp_policy"] != old["hp_policy"], "an exploit without explore"
+        assert old["hp_policy"] == rows[(int(clone), it)], "the old policy is not the clone's"
+        assert new["hp_policy"] == rows[(int(target), it + 1)], "the target did not train with its new policy"
+    assert per_round == {1: {0.25: 2, 0.5: 4}[q], 2: {0.25: 2, 0.5: 4}[q]}
+
+
+def test_student_search_members_quantize_weights_and_activations_as_configured(tmp_path):
+    """A student-role search member's network is the student's: the activations entering a block's second
+    conv take only the levels k / 7 in [0, 1] of ``a_bits=3``, and the conv computes with the 2-bit DoReFa
+    weights of ``w_bits=2`` (its output = a plain convolution of its input with ``quantize_weight(w, 2)``,
+    whose values are the levels (2k - 3) / 3). A member built without the student's bits fails both."""
+    import torch.nn.functional as F
+
+    from rolekd.experiment import MemberFactory, train_from_config
+    from rolekd.quant import quantize_weight
+    from rolekd.search import member_config
+    from rolekd.search.run import search_config
+
+    teacher = tmp_path / "t"
+    train_from_config(config(teacher, "train.epochs=1", "data.max_train=256"))
+    cfg = search_config(config(tmp_path / "s", "search.role=student", f"kd.teacher={teacher}", "kd.method=soft",
+                               "quant.w_bits=2", "quant.a_bits=3"))
+    member = MemberFactory()(member_config(cfg, 1), 1, lambda e: None)
+    conv2 = member.model.layer2[0].conv2
+    seen = {}
+    conv2.register_forward_hook(lambda m, args, out: seen.update(x=args[0].detach(), y=out.detach()))
+    member.model.eval()
+    with torch.no_grad():
+        x, _ = next(iter(member.eval_loaders["val"]))
+        member.model(x)
+    a = seen["x"] * 7
+    assert seen["x"].min() >= 0 and seen["x"].max() <= 1
+    assert torch.allclose(a, a.round(), atol=1e-4) and len(torch.unique(a.round())) <= 8
+    wq = quantize_weight(conv2.weight.detach(), 2)
+    assert set(torch.unique((wq * 3).round()).tolist()) <= {-3.0, -1.0, 1.0, 3.0}
+    want = F.conv2d(seen["x"], wq, stride=conv2.stride, padding=conv2.padding)
+    scale = want.abs().max()
+    assert torch.allclose(seen["y"], want, atol=1e-4 * scale)
+    assert not torch.allclose(seen["y"], F.conv2d(seen["x"], conv2.weight, stride=conv2.stride,
+                                                  padding=conv2.padding), atol=1e-2 * scale)

@@ -103,7 +103,7 @@ class TrainConfig(_Section):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 autocast on CUDA, off on CPU
-    channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on for CUDA
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on for CUDA and for one-thread CPU runs
     compile: bool = False
     progress: bool = True
     eval_every: int = Field(1, gt=0)

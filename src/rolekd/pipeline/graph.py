@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from ..config import Config, available_cpus, derive
 from ..errors import RunFailed, UserError
@@ -156,11 +156,17 @@ class InlineExecutor:
         self.session = session
 
     def submit(self, task: Task) -> cf.Future:
+        import torch
+
         fut: cf.Future = cf.Future()
+        old = torch.get_num_threads()
+        torch.set_num_threads(task.config.train.num_threads())  # as a worker would run it
         try:
             fut.set_result(run_task(task, self.session))
         except (UserError, NonFiniteLoss, OSError, RunFailed) as e:
             fut.set_exception(e)
+        finally:
+            torch.set_num_threads(old)
         return fut
 
     def wait(self, futures, timeout=None):
@@ -244,8 +250,7 @@ class RayStageExecutor:
 
 
 # ---------------------------------------------------------------------------------------- planning
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """How a pipeline's runs are executed: the executor, how many run at once, each run's threads."""
 
     executor: str  # inline | local | ray

@@ -1,0 +1,138 @@
+"""The pipeline's stage graph: what each stage waits for (the paper's definitions, written out), and the
+runner's rules (a stage starts only after what it needs finished; at most ``slots`` at once; the critical
+path first; a failure stops new starts, lets the runs in flight finish and is raised as one line).
+
+The runner is driven here by a scripted executor that finishes the submitted runs in an order the test
+chooses; the real executors (worker processes, Ray) run the micro pipeline in tests/test_pipeline.py."""
+
+import concurrent.futures as cf
+import random
+
+import pytest
+
+from rolekd.config import load_config
+from rolekd.errors import UserError
+from rolekd.pipeline import stage_runs
+from rolekd.pipeline.graph import Task, dependencies, plan, run_graph
+
+CFG = ["pipeline.seeds=2", "pipeline.student.method=iikd", "pipeline.student.quant.w_bits=4",
+       "pipeline.student.quant.a_bits=4"]
+
+# what each stage reads (paper §3-§5): the stage-α teacher is trained with A_T; the student search distils
+# from it; every KD stage distils from it; a stage with a learned schedule needs the search that makes it
+NEEDS = {
+    "alpha_search": set(),
+    "teacher": {"alpha_search"},
+    "vanilla_teacher": set(),
+    "beta_search": {"teacher"},
+    "student": {"teacher", "beta_search"},
+    "vanilla_student": set(),
+    "student_alpha": {"alpha_search"},
+    "only_kd": {"teacher"},
+    "student_teacher_schedule": {"teacher", "alpha_search"},
+}
+
+
+def tasks(tmp_path, *extra):
+    cfg = load_config(None, CFG + [f"out={tmp_path / 'run'}"] + list(extra))
+    return [Task(r.dir, r.stage.kind, r.config) for r in stage_runs(cfg)]
+
+
+def test_each_stage_waits_for_the_teacher_and_the_schedule_it_reads(tmp_path):
+    ts = tasks(tmp_path)
+    needs = dependencies(ts)
+    assert set(needs) == set(NEEDS) | {f"{s}_seed1" for s in NEEDS if not s.endswith("_search")}
+    for d, want in needs.items():
+        # every seed distils from the first seed's teacher
+        assert want == NEEDS[d.removesuffix("_seed1")], d
+
+
+def test_a_given_teacher_schedule_leaves_the_teacher_waiting_for_nothing(tmp_path):
+    sched = tmp_path / "a_t.json"
+    sched.write_text('{"policies": [[0]]}')
+    needs = dependencies(tasks(tmp_path, f"pipeline.teacher_schedule={sched}"))
+    assert "alpha_search" not in needs
+    assert needs["teacher"] == set() and needs["student_teacher_schedule"] == {"teacher"}
+
+
+class Scripted:
+    """An executor whose runs finish when the test says: ``pick(running)`` chooses which one finishes next;
+    ``fail`` names runs that raise. It records, at each start, which runs had finished."""
+
+    name = "scripted"
+
+    def __init__(self, slots, pick, fail=()):
+        self.slots, self.pick, self.fail = slots, pick, set(fail)
+        self.running: dict[cf.Future, Task] = {}
+        self.finished: list[str] = []
+        self.starts: list[tuple[str, frozenset, int]] = []
+
+    def submit(self, task):
+        fut = cf.Future()
+        self.starts.append((task.dir, frozenset(self.finished), len(self.running) + 1))
+        self.running[fut] = task
+        return fut
+
+    def wait(self, futures, timeout=None):
+        fut = self.pick(list(self.running))
+        task = self.running.pop(fut)
+        self.finished.append(task.dir)
+        if task.dir in self.fail:
+            fut.set_exception(UserError("planted failure"))
+        else:
+            fut.set_result({"dir": task.dir})
+        return {fut}, set(futures) - {fut}
+
+    def close(self, cancel=False):
+        self.closed = cancel
+
+
+@pytest.mark.parametrize("slots,seed", [(1, 0), (2, 0), (3, 1), (8, 2)])
+def test_a_stage_starts_only_after_what_it_needs_finished(tmp_path, slots, seed):
+    ts = tasks(tmp_path)
+    needs = dependencies(ts)
+    rng = random.Random(seed)
+    ex = Scripted(slots, lambda running: rng.choice(running))  # runs finish in a random order
+    results = run_graph(ts, ex)
+    assert list(results) == [t.dir for t in ts]
+    assert sorted(d for d, _, _ in ex.starts) == sorted(t.dir for t in ts)  # each started once
+    for d, done, at_once in ex.starts:
+        assert needs[d] <= done, f"{d} started before {needs[d] - done} finished"
+        assert at_once <= slots
+
+
+def test_the_critical_path_starts_first(tmp_path):
+    ts = tasks(tmp_path)
+    ex = Scripted(2, lambda running: running[0])  # first in, first out
+    run_graph(ts, ex)
+    order = [d for d, _, _ in ex.starts]
+    # the α search (everything with A_T and every KD stage waits for it) first, then the teacher before any
+    # other retraining, the β search as soon as the teacher exists
+    assert order[0] == "alpha_search"
+    assert order.index("teacher") < min(order.index(d) for d in ("teacher_seed1", "vanilla_teacher_seed1"))
+    assert order.index("beta_search") < order.index("only_kd_seed1")
+
+
+def test_a_failure_stops_new_starts_and_is_one_line(tmp_path):
+    ts = tasks(tmp_path)
+    # teacher fails while vanilla_teacher is in flight: nothing that waits for the teacher starts, the run in
+    # flight finishes, and the error names the stage
+    ex = Scripted(2, lambda running: running[0], fail={"teacher"})
+    with pytest.raises(UserError, match=r"^stage teacher: planted failure$"):
+        run_graph(ts, ex)
+    started = [d for d, _, _ in ex.starts]
+    assert "beta_search" not in started and "student" not in started and "only_kd" not in started
+    assert set(ex.finished) == set(started)  # everything in flight finished
+
+
+def test_workers_default_to_one_per_cpu_with_one_thread_each(tmp_path, monkeypatch):
+    import rolekd.pipeline.graph as graph
+
+    monkeypatch.setattr(graph, "available_cpus", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg = load_config(None, CFG + ["train.device=cpu"])
+    assert plan(cfg, 16)[:3] == ("local", 4, 1)
+    assert plan(cfg, 3)[:3] == ("local", 3, 1)  # no more workers than runs; 4 // 3 = 1 thread each
+    assert plan(load_config(None, CFG + ["train.device=cpu", "train.threads=2"]), 16)[:3] == ("local", 2, 2)
+    assert plan(load_config(None, CFG + ["train.device=cpu", "pipeline.workers=1"]), 16)[:3] == ("inline", 1, 4)
+    assert plan(load_config(None, CFG + ["train.device=cpu", "pipeline.executor=ray"]), 16)[:3] == ("ray", 4, 1)
