@@ -37,6 +37,29 @@ def test_reduced_split_matches_pba_permutation():
         reduced_split(train, 400, 300)
 
 
+def test_full_train_size_trains_on_the_reduced_splits_training_images():
+    """``data.full_train_size=N`` (split=full): the first N images of PBA's permutation (numpy seed 0), i.e. the
+    very images a search with ``train_size=N`` trains on; the test set unchanged."""
+    from rolekd.config import load_config
+    from rolekd.experiment import build_data, data_splits, Session
+
+    with Session() as session:
+        cfg = load_config(None, ["data.full_train_size=300"])
+        bundle = build_data(cfg, session)
+        train, evals = data_splits(cfg, bundle)
+        np.random.seed(0)
+        perm = np.arange(len(bundle.train))
+        np.random.shuffle(perm)
+        assert torch.equal(train.labels, bundle.train.labels[perm[:300]])
+        assert torch.equal(train.images, bundle.train.images[perm[:300]])
+        search, _ = data_splits(load_config(None, ["data.split=reduced", "data.train_size=300", "data.val_size=500"]),
+                                bundle)
+        assert torch.equal(search.images, train.images)
+        assert list(evals) == ["test"] and len(evals["test"]) == len(bundle.test)
+        whole, _ = data_splits(load_config(None, []), bundle)
+        assert len(whole) == len(bundle.train) == 4000
+
+
 def test_full_cifar10_reduced_split_sizes(shared_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ROLEKD_CACHE", str(tmp_path))
     t0 = time.perf_counter()

@@ -127,3 +127,27 @@ def test_unsafe_state_file_is_refused(tmp_path):
     p.write_bytes(pickle.dumps({"epoch": Evil()}))
     with pytest.raises(UserError, match="cannot be read safely"):
         load_state(p)
+
+
+def test_compile_without_a_cpp_compiler_is_one_line_and_trains_eagerly(bundle, monkeypatch, capsys):
+    """``train.compile`` on a CPU without a C++ compiler (Inductor needs one): one line on stderr, and the run
+    trains eagerly to exactly the losses of a run without ``compile``."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import cpp_builder
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("rolekd-no-such-c++",))
+    cpp_builder.cpp_compiler_search.cache_clear()
+    try:
+        torch.manual_seed(0)
+        cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, progress=False, compile=True)
+        tl = DeviceLoader(bundle.train, 32, bundle.mean, bundle.std, augment=random_flip, seed=0)
+        t = Trainer(Tiny(), tl, cfg, {})
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no C++ compiler" in err[0] and "eagerly" in err[0]
+        assert t.step_model is t.model
+        compiled = t.fit()
+    finally:
+        cpp_builder.cpp_compiler_search.cache_clear()
+    eager = make(bundle, epochs=1)
+    eager.eval_loaders = {}
+    assert compiled[0]["train_loss"] == eager.fit()[0]["train_loss"]

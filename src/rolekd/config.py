@@ -63,6 +63,9 @@ class DataConfig(_Section):
     train_size: int = Field(4000, gt=0)
     val_size: int = Field(46000, gt=0)
     split_seed: int = 0
+    # split=full trains on the first N images of the split_seed permutation instead of the whole training set
+    # (N = train_size: the reduced split's own training images, e.g. a small-data study's retraining stages)
+    full_train_size: int | None = Field(None, gt=0)
     max_train: int | None = Field(None, gt=0)  # use only the first N training images (smoke runs, tests)
     max_test: int | None = Field(None, gt=0)  # use only the first N test images
 

@@ -147,10 +147,14 @@ def build_data(cfg: Config, session: Session) -> DataBundle:
 
 
 def data_splits(cfg: Config, bundle: DataBundle) -> tuple[Split, dict[str, Split]]:
-    """Training split and evaluation splits: full = (train, {test}); reduced = (train, {val, test})."""
+    """Training split and evaluation splits: full = (train, {test}); reduced = (train, {val, test}). With
+    ``data.full_train_size`` N, full trains on the first N images of the reduced split's permutation."""
     if cfg.data.split == "reduced":
         train, val = reduced_split(bundle.train, cfg.data.train_size, cfg.data.val_size, cfg.data.split_seed)
         return train, {"val": val, "test": bundle.test}
+    if cfg.data.full_train_size:
+        train, _ = reduced_split(bundle.train, cfg.data.full_train_size, 0, cfg.data.split_seed)
+        return train, {"test": bundle.test}
     return bundle.train, {"test": bundle.test}
 
 

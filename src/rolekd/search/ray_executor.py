@@ -96,12 +96,13 @@ def _within(seconds: float, fn, *args, **kwargs):
     return out.get("value")
 
 
-def connect_ray(address: str | None, init_kwargs: Mapping[str, Any] | None = None):
+def connect_ray(address: str | None, init_kwargs: Mapping[str, Any] | None = None, ray=None):
     """Ray, connected: to ``address`` (probed first, bounded by :data:`CONNECT_TIMEOUT_S`; a UserError
     when it cannot be reached), or a local instance with the CPUs this process may use and the visible
     GPUs; nothing when Ray is already initialised. Returns (ray, whether this call started it). Workers
-    import rolekd the way this process does (its package root joins their PYTHONPATH)."""
-    ray = import_ray()
+    import rolekd the way this process does (its package root joins their PYTHONPATH). ``ray``: the module
+    (default: Ray, imported)."""
+    ray = ray if ray is not None else import_ray()
     if ray.is_initialized():
         return ray, False
     kw = {"include_dashboard": False, "log_to_driver": True}
@@ -197,7 +198,7 @@ class RayExecutor:
 
     # ------------------------------------------------------------------------------ lifecycle
     def _init_ray(self) -> None:
-        self.ray, self.started_ray = connect_ray(self.address, self.init_kwargs)
+        self.ray, self.started_ray = connect_ray(self.address, self.init_kwargs, self.ray)
 
     def _check_resources(self, n: int) -> None:
         res = self.ray.cluster_resources()

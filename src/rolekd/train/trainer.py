@@ -70,6 +70,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def can_compile(device: torch.device, warn: bool = True) -> bool:
+    """Whether ``torch.compile`` can build kernels for ``device``: on CPU, Inductor needs a C++ compiler; without
+    one ``train.compile`` says so in one line and the run trains eagerly (same numerics as without it)."""
+    if device.type != "cpu":
+        return True
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return True
+    except Exception as e:  # no compiler on PATH (or an unusable one)
+        if warn:
+            why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            print(f"rolekd: train.compile: no C++ compiler for torch.compile on CPU ({why}); training eagerly "
+                  f"(install g++ to compile)", file=sys.stderr, flush=True)
+        return False
+
+
 WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # whose weights ``weight_decay_on=weights`` decays
 
 
@@ -178,7 +196,7 @@ class Trainer:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.step_model = torch.compile(model) if cfg.compile else model
+        self.step_model = torch.compile(model) if cfg.compile and can_compile(self.device) else model
         self.objective = objective or CrossEntropy()
         self.objective.setup(model, self.device)
         params = [p for p in model.parameters() if p.requires_grad] + list(self.objective.extra_parameters())
