@@ -4,6 +4,7 @@ format and process count — what ``pipeline.workers`` and ``train.channels_last
     python benchmarks/bench_cpu_step.py                       # 1 and 2 threads, NCHW and channels-last
     python benchmarks/bench_cpu_step.py --threads 1 --processes 2 --formats cl   # 2 processes at once
     python benchmarks/bench_cpu_step.py --bf16                # also bf16 autocast (changes numerics)
+    python benchmarks/bench_cpu_step.py --threads 1 --formats cl --compile   # also torch.compile (warm-up printed)
 
 Each row is the median step of ``--rounds`` interleaved rounds (every round times one step of each row)
 after warm-up; with ``--processes N`` N copies run at once and their img/s are added (the machine's
@@ -31,7 +32,7 @@ from rolekd.train.objective import CrossEntropy, StepContext
 B = 128
 
 
-def make(kind: str, cl: bool, bf16: bool):
+def make(kind: str, cl: bool, bf16: bool, compile_: bool = False):
     torch.manual_seed(0)
     x, y = torch.randn(B, 3, 32, 32), torch.randint(0, 10, (B,))
     teacher = create("resnet_tiny").eval().requires_grad_(False)
@@ -53,25 +54,32 @@ def make(kind: str, cl: bool, bf16: bool):
     ctx = StepContext(epoch=5, epochs=10, autocast=ac)
     model.train()
 
+    step_model = torch.compile(model) if compile_ else model
+
     def step():
         opt.zero_grad(set_to_none=True)
-        obj.train_step(model, x, y, ctx)
+        obj.train_step(step_model, x, y, ctx)
         opt.step()
     return step
 
 
-def measure(threads: int, kinds, formats, bf16s, rounds: int) -> dict:
+def measure(threads: int, kinds, formats, bf16s, rounds: int, compiles=(False,)) -> dict:
     torch.set_num_threads(threads)
-    rows = {(k, f, b): (make(k, f == "cl", b), []) for k in kinds for f in formats for b in bf16s}
-    for step, _ in rows.values():
+    rows = {(k, f, b, c): (make(k, f == "cl", b, c), []) for k in kinds for f in formats for b in bf16s
+            for c in compiles}
+    for (k, f, b, c), (step, _) in rows.items():
+        t0 = time.perf_counter()
         for _ in range(3):
             step()
+        if c:
+            print(f"warm-up of {k} {f} compiled: {time.perf_counter() - t0:.1f} s", flush=True)
     for _ in range(rounds):
         for step, times in rows.values():
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-    return {f"{k} {f}{' bf16' if b else ''}": B / statistics.median(t) for (k, f, b), (_, t) in rows.items()}
+    return {f"{k} {f}{' bf16' if b else ''}{' compiled' if c else ''}": B / statistics.median(t)
+            for (k, f, b, c), (_, t) in rows.items()}
 
 
 def _child(args, q):
@@ -85,13 +93,14 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["fp32", "iikd"], choices=["fp32", "iikd"])
     ap.add_argument("--formats", nargs="+", default=["nchw", "cl"], choices=["nchw", "cl"])
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
+    ap.add_argument("--compile", action="store_true", help="also time the model under torch.compile (Inductor)")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     bf16s = [False, True] if a.bf16 else [False]
     out = {}
     for t in a.threads:
-        args = (t, a.kinds, a.formats, bf16s, a.rounds)
+        args = (t, a.kinds, a.formats, bf16s, a.rounds, (False, True) if a.compile else (False,))
         if a.processes == 1:
             res = measure(*args)
         else:
