@@ -142,6 +142,17 @@ class AugmentConfig(_Section):
     schedule_epochs: int | None = Field(None, gt=0)  # search epochs of a log-format schedule
     multiplier: float = Field(1.0, gt=0)  # PBA's stretch (segment lengths x multiplier, truncated)
     fit_epochs: bool = False  # instead map the schedule proportionally onto train.epochs (Schedule.fit_to)
+    # train with a random schedule matched to augment.schedule epoch by epoch (as many active slots, ops,
+    # probabilities and magnitudes drawn uniformly; Schedule.matched_random) drawn from this seed; None = the
+    # schedule itself
+    matched_random_seed: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _matched_needs_schedule(self):
+        if self.matched_random_seed is not None and not self.schedule:
+            raise ValueError("matched_random_seed is set but augment.schedule is not: give the learned schedule "
+                             "the random one is matched to")
+        return self
 
 
 class QuantConfig(_Section):
