@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from .data.datasets import dataset_names
 from .errors import UserError
-from .stages import BASELINES
+from .stages import BASELINES, DEFAULT_BASELINES
 
 
 def _scalar_kinds(annotation: Any) -> set[type]:
@@ -249,7 +249,9 @@ class PipelineConfig(_Section):
     teacher: RoleConfig = Field(default_factory=RoleConfig)
     student: RoleConfig = Field(default_factory=lambda: RoleConfig(quant=QuantConfig(w_bits=4, a_bits=4),
                                                                    method="iikd"))
-    baselines: list[str] = Field(default_factory=lambda: list(BASELINES))
+    # the optional stages to run; default: the paper's baselines (the random-schedule controls
+    # teacher_random_schedule and student_random_schedule run when listed)
+    baselines: list[str] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
     paper: str | None = None  # key of the paper table/setting this run reproduces (for the report)
     # every retraining stage runs with seeds train.seed, train.seed + 1, ... (searches run once); the same
     # seeds in every stage, so stages pair up seed by seed in the report

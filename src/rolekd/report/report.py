@@ -4,9 +4,10 @@ Every number is read from the stages' ``result.json`` / ``search.json`` / ``metr
 report says what was trained (model, bits, epochs, data sizes, seeds); gives each stage's test accuracy
 as mean ± std over its seeds; gives every comparison the paper makes as a paired difference (seed by
 seed) with its spread, its 95% confidence interval and paired-t p-value, and whether it stands out from
-the seed-to-seed noise; and checks what it reports: a learned schedule that applies no op, and two
-stages that trained identically, are said in words. The paper's numbers (``paper.yaml``; sources in
-docs/PAPER_NUMBERS.md) appear beside a cell only when the cell's setting matches the paper's.
+the seed-to-seed noise; and checks what it reports: a learned schedule that applies no op, two stages
+that trained identically, and a random-schedule control whose schedule is not matched to its learned
+one are said in words. The paper's numbers (``paper.yaml``; sources in docs/PAPER_NUMBERS.md) appear
+beside a cell only when the cell's setting matches the paper's.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..augment.schedule import Schedule
 from ..augment.space import POLICY_LEN
 from ..config import Config, validate_config
 from ..errors import UserError
+from ..experiment import RANDOM_SCHEDULE
 from ..files import atomic_write
 from ..plots import plot_rewards, plot_schedules_side_by_side, plot_test_curves
 from ..stage_config import stage_config
@@ -55,6 +57,8 @@ COMPARISONS = [
     ("student schedule vs teacher schedule (A_S vs A_T, both with KD)", "student", "student_teacher_schedule"),
     ("KD vs no KD (only-KD, from the teacher, vs the vanilla student, from scratch)", "only_kd", "vanilla_student"),
     ("student with A_T vs vanilla student (no KD, both from scratch)", "student_alpha", "vanilla_student"),
+    ("A_T vs random (teacher)", "teacher", "teacher_random_schedule"),
+    ("A_S vs random (both with KD)", "student", "student_random_schedule"),
 ]
 
 
@@ -98,7 +102,13 @@ def collect(root: str | Path) -> dict:
     for d in SCHEDULES:
         f = schedule_path(d, root, cfg.pipeline.teacher_schedule)
         schedules[d] = Schedule.load(f) if f.is_file() else None
-    return {"root": root, "config": cfg, "runs": runs, "schedules": schedules}
+    # the random schedules of the random-schedule controls, by stage, per seed run (None where absent)
+    randoms = {}
+    for st in STAGES:
+        if st.random_schedule and st.name in runs:
+            files = [root / stage_dir(st.name, k) / RANDOM_SCHEDULE for k in range(cfg.pipeline.seeds)]
+            randoms[st.name] = [Schedule.load(f) if f.is_file() else None for f in files]
+    return {"root": root, "config": cfg, "runs": runs, "schedules": schedules, "randoms": randoms}
 
 
 # ---------------------------------------------------------------------------------------- numbers
@@ -198,6 +208,36 @@ def schedule_activity(sched: Schedule) -> tuple[int, int]:
     return active, len(sched)
 
 
+def random_schedule_checks(info: dict) -> list[str]:
+    """One line per random-schedule control: whether each seed run's random schedule has its learned
+    schedule's number of active slots in every epoch, and differs from it."""
+    lines = []
+    for name, randoms in info["randoms"].items():
+        st = stage(name)
+        learned = info["schedules"].get(st.schedule)
+        found = [(k, r) for k, r in enumerate(randoms) if r is not None]
+        if learned is None or not found:
+            continue
+        unmatched = [k for k, r in found if r.active_slots() != learned.active_slots()]
+        same = [k for k, r in found if r == learned]
+        what = SCHEDULES[st.schedule]
+        problems = []
+        if unmatched:
+            problems.append(f"in seed run(s) {', '.join(map(str, unmatched))} it does not have {what}'s number of "
+                            f"active slots in every epoch")
+        if same:
+            problems.append(f"in seed run(s) {', '.join(map(str, same))} it is {what} itself")
+        if problems:
+            lines.append(f"- **The random schedule of {st.label} is not a matched random schedule**: "
+                         f"{'; '.join(problems)}.")
+        else:
+            seeds = ", ".join(str(r.meta.get("seed")) for _, r in found)
+            lines.append(f"- The random schedules of {st.label} ({len(found)} seed run(s), seeds {seeds}, "
+                         f"`{RANDOM_SCHEDULE}`) have {what}'s number of active slots in each of its {len(learned)} "
+                         f"epochs ({sum(learned.active_slots())} in all) and differ from it.")
+    return lines
+
+
 def _trajectory(results: dict | None) -> list[tuple] | None:
     if results is None:
         return None
@@ -251,6 +291,10 @@ def _figures(info: dict) -> list[str]:
         if sched is not None:
             active, epochs = schedule_activity(sched)
             scheds[f"{label}: ops in {active} of {epochs} epochs"] = sched
+    for name, randoms in info["randoms"].items():
+        first = next(((k, r) for k, r in enumerate(randoms) if r is not None), None)
+        if first is not None:
+            scheds[f"random, matched to {SCHEDULES[stage(name).schedule].split()[0]} (seed run {first[0]})"] = first[1]
     if scheds:
         plot_schedules_side_by_side(scheds, fig_dir / "schedules.png")
         lines.append("![schedules](figures/schedules.png)")
@@ -352,6 +396,7 @@ def build_report(root: str | Path) -> Path:
         which = "every seed" if len(seeds) == len(runs[a]) else "seed(s) " + ", ".join(map(str, seeds))
         lines.append(f"- **{stage(a).label} and {stage(b).label} trained identically** (the same losses and "
                      f"accuracies in every epoch, {which}): their comparison compares a run with itself.")
+    lines += random_schedule_checks(info)
     lines.append("")
     lines += ["## Results", ""]
     lines += _table(info, "teacher", cells, paper_epochs)
