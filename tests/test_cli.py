@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from rolekd.cli import main
+from rolekd.errors import UserError
 from rolekd.data import bundle_from_tensors, register_dataset
 from rolekd.models import register_model
 
@@ -105,6 +106,29 @@ def test_other_config_in_existing_run_dir_is_refused_and_kept(capsys, teacher_ru
     code, _, err = run(capsys, "train", *TINY, "epochs=3", f"out={teacher_run}")
     one_line_error(code, err, "different config")
     assert {p: p.read_bytes() for p in teacher_run.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_made_before_a_config_key_existed_still_resumes(tmp_path):
+    """A run directory whose config.yaml lacks a key added to rolekd since (it had the key's default) is the
+    same run; the same file with another value of that key, or with a key rolekd no longer has, is not."""
+    import yaml
+
+    from rolekd.config import load_config
+    from rolekd.experiment import check_run_dir, prepare_run_dir
+
+    cfg = load_config(None, TINY + [f"out={tmp_path / 'r'}"])
+    prepare_run_dir(cfg)
+    f = tmp_path / "r" / "config.yaml"
+    data = yaml.safe_load(f.read_text())
+    del data["data"]["full_train_size"], data["augment"]["matched_random_seed"]
+    f.write_text(yaml.safe_dump(data))
+    assert check_run_dir(cfg, tmp_path / "r")
+    with pytest.raises(UserError, match="full_train_size"):
+        check_run_dir(load_config(None, TINY + ["data.full_train_size=100"]), tmp_path / "r")
+    data["data"]["retired_key"] = 1
+    f.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match="retired_key"):
+        check_run_dir(cfg, tmp_path / "r")
 
 
 def test_distill_low_bit_student_from_teacher(capsys, tmp_path, teacher_run):

@@ -30,7 +30,12 @@ NEEDS = {
     "student_alpha": {"alpha_search"},
     "only_kd": {"teacher"},
     "student_teacher_schedule": {"teacher", "alpha_search"},
+    # the random-schedule controls draw their schedule from the learned one
+    "teacher_random_schedule": {"alpha_search"},
+    "student_random_schedule": {"teacher", "beta_search"},
 }
+ALL = "pipeline.baselines=[" + ",".join(s for s in NEEDS if s not in ("alpha_search", "teacher", "beta_search",
+                                                                       "student")) + "]"
 
 
 def tasks(tmp_path, *extra):
@@ -39,7 +44,7 @@ def tasks(tmp_path, *extra):
 
 
 def test_each_stage_waits_for_the_teacher_and_the_schedule_it_reads(tmp_path):
-    ts = tasks(tmp_path)
+    ts = tasks(tmp_path, ALL)
     needs = dependencies(ts)
     assert set(needs) == set(NEEDS) | {f"{s}_seed1" for s in NEEDS if not s.endswith("_search")}
     for d, want in needs.items():
@@ -89,7 +94,7 @@ class Scripted:
 
 @pytest.mark.parametrize("slots,seed", [(1, 0), (2, 0), (3, 1), (8, 2)])
 def test_a_stage_starts_only_after_what_it_needs_finished(tmp_path, slots, seed):
-    ts = tasks(tmp_path)
+    ts = tasks(tmp_path, ALL)
     needs = dependencies(ts)
     rng = random.Random(seed)
     ex = Scripted(slots, lambda running: rng.choice(running))  # runs finish in a random order

@@ -13,10 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from scipy import stats
 
 from rolekd.augment import apply_policy
 from rolekd.augment.schedule import Schedule
@@ -24,7 +26,8 @@ from rolekd.cli import main
 from rolekd.config import load_config
 from rolekd.models import create
 from rolekd.pipeline import run_pipeline
-from rolekd.stages import STAGE_NAMES as STAGES
+from rolekd.stages import DEFAULT_BASELINES
+from rolekd.stages import STAGES as TABLE
 
 MICRO = """
 name: micro
@@ -41,6 +44,7 @@ pipeline:
 """
 # the micro run's stages on two worker processes of one thread each (the default on 2 CPUs)
 WORKERS = ["pipeline.workers=2", "train.threads=1"]
+STAGES = tuple(s.name for s in TABLE if not s.baseline or s.name in DEFAULT_BASELINES)  # what MICRO runs
 TRAINED = ("teacher", "vanilla_teacher", "student", "vanilla_student", "student_alpha", "only_kd",
            "student_teacher_schedule")
 
@@ -93,6 +97,13 @@ def test_every_stage_ran_and_report_holds_their_numbers(micro):
         line = next(x for x in report.splitlines() if x.startswith(f"| {label}"))
         mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
         assert f"| {mean:+.2f} ± {sd:.2f} | 2 |" in line, line
+        if sd:  # the 95% confidence interval of the mean and the two-sided p-value of the paired t: with 1
+            # degree of freedom Student's t is the Cauchy distribution, quantile tan(pi (q - 1/2)) (12.706)
+            half = math.tan(0.475 * math.pi) * sd / math.sqrt(2)
+            p = 1 - 2 * math.atan(abs(mean) / (sd / math.sqrt(2))) / math.pi
+            assert f"| 2 | [{mean - half:+.2f}, {mean + half:+.2f}] | {p:.3g} |" in line, line
+        else:
+            assert "| 2 | — | — |" in line, line
         t = mean / (sd / math.sqrt(2)) if sd else (math.inf if mean else 0.0)
         if sd == 0 and mean == 0:
             assert "identical in every seed" in line
@@ -449,7 +460,7 @@ def test_report_says_when_a_schedule_is_empty_and_when_stages_trained_identicall
     assert ("**stage α (teacher schedule A_T) and vanilla (base augmentation) trained identically** (the same "
             "losses and accuracies in every epoch, every seed)") in text
     line = next(x for x in text.splitlines() if x.startswith("| stage α vs vanilla teacher"))
-    assert "| +0.00 ± 0.00 | 2 | identical in every seed |" in line
+    assert "| +0.00 ± 0.00 | 2 | — | — | identical in every seed |" in line
     # and a non-empty schedule is counted: ops in exactly the epochs that have a probability above 0
     pol = [0] * 60
     pol[0] = 3  # one op, probability 0.3, in the second epoch only
@@ -472,3 +483,27 @@ def test_a_difference_equal_in_every_seed_has_no_spread_and_no_paired_t():
     d = [1.0, 2.0, 4.0]
     t = statistics.mean(d) / (statistics.stdev(d) / math.sqrt(3))
     assert abs(out["t"] - t) < 1e-9 and "within the seed-to-seed noise" in out["verdict"]  # t = 2.65 < 4.30
+
+
+def test_paired_difference_has_the_t_interval_and_p_value_of_n_minus_1_degrees_of_freedom():
+    """12 paired values: the half-width is t_{0.975,11} * sd / sqrt(12) with t_{0.975,11} = 2.201 (not
+    1.96), the p-value the paired t test's; |t| = 2.1 lies between 1.96 and 2.201, so the verdict is
+    'within the noise' only with the right quantile."""
+    assert abs(stats.t.ppf(0.975, 11) - 2.201) < 1e-3  # by hand, from a t table
+    base = np.arange(12) - 5.5  # mean 0
+    sd = base.std(ddof=1)
+    diffs = base + 2.1 * sd / math.sqrt(12)  # paired t = 2.1
+    b = [40.0 + i for i in range(12)]
+    a = [x + y for x, y in zip(b, diffs)]
+    from rolekd.report.report import paired
+
+    out = paired(a, b)
+    assert abs(out["t"] - 2.1) < 1e-6
+    half = stats.t.ppf(0.975, 11) * sd / math.sqrt(12)
+    assert abs((out["ci"][1] - out["ci"][0]) / 2 - half) < 1e-6
+    assert abs((out["ci"][1] - out["ci"][0]) / 2 / (sd / math.sqrt(12)) - 2.201) < 1e-3
+    assert abs((out["ci"][0] + out["ci"][1]) / 2 - diffs.mean()) < 1e-6
+    assert abs(out["p"] - stats.ttest_rel(a, b).pvalue) < 1e-9 and 0.05 < out["p"] < 0.07
+    assert "within the seed-to-seed noise" in out["verdict"] and "abs(t) > 2.20" in out["verdict"]
+    # no spread: no interval and no p-value
+    assert paired([41.0, 42.0], [40.0, 41.0])["ci"] is None and paired([41.0], [40.0])["p"] is None

@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from .data.datasets import dataset_names
 from .errors import UserError
-from .stages import BASELINES
+from .stages import BASELINES, DEFAULT_BASELINES
 
 
 def _scalar_kinds(annotation: Any) -> set[type]:
@@ -145,6 +145,17 @@ class AugmentConfig(_Section):
     schedule_epochs: int | None = Field(None, gt=0)  # search epochs of a log-format schedule
     multiplier: float = Field(1.0, gt=0)  # PBA's stretch (segment lengths x multiplier, truncated)
     fit_epochs: bool = False  # instead map the schedule proportionally onto train.epochs (Schedule.fit_to)
+    # train with a random schedule matched to augment.schedule epoch by epoch (as many active slots, ops,
+    # probabilities and magnitudes drawn uniformly; Schedule.matched_random) drawn from this seed; None = the
+    # schedule itself
+    matched_random_seed: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _matched_needs_schedule(self):
+        if self.matched_random_seed is not None and not self.schedule:
+            raise ValueError("matched_random_seed is set but augment.schedule is not: give the learned schedule "
+                             "the random one is matched to")
+        return self
 
 
 class QuantConfig(_Section):
@@ -241,7 +252,9 @@ class PipelineConfig(_Section):
     teacher: RoleConfig = Field(default_factory=RoleConfig)
     student: RoleConfig = Field(default_factory=lambda: RoleConfig(quant=QuantConfig(w_bits=4, a_bits=4),
                                                                    method="iikd"))
-    baselines: list[str] = Field(default_factory=lambda: list(BASELINES))
+    # the optional stages to run; default: the paper's baselines (the random-schedule controls
+    # teacher_random_schedule and student_random_schedule run when listed)
+    baselines: list[str] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
     paper: str | None = None  # key of the paper table/setting this run reproduces (for the report)
     # every retraining stage runs with seeds train.seed, train.seed + 1, ... (searches run once); the same
     # seeds in every stage, so stages pair up seed by seed in the report

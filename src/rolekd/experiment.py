@@ -6,16 +6,17 @@ the packages below (``data``, ``augment``, ``models``, ``quant``, ``distill``, `
 never read a whole config's wiring and never import this module. The pipeline, the report and the CLI
 sit on top.
 
-A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``/``metrics.csv``,
-``tb/`` (TensorBoard), ``checkpoint/`` (last completed epoch) and, when finished, ``model.safetensors``
-and ``result.json``. Rerunning the same command resumes an interrupted run or reports a finished one;
-a different config for an existing directory is refused so nothing written is lost (``out`` and the
-volatile keys below are not compared, so a run directory may be moved). The whole config (data, model,
-KD method, teacher, schedule) is checked before the directory is made, so a failed command leaves
-nothing behind that blocks its corrected version; one process at a time works in a run directory
-(:class:`~rolekd.files.RunLock`, a second one is refused with one line). A run whose loss or weights
-become non-finite stops with :class:`~rolekd.train.NonFiniteLoss`; its ``result.json`` says
-``"status": "diverged"`` and a rerun reports that again.
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``/``metrics.csv``, ``tb/``
+(TensorBoard), ``checkpoint/`` (last completed epoch), ``random_schedule.json`` (the schedule drawn for
+``augment.matched_random_seed``) and, when finished, ``model.safetensors`` and ``result.json``. Rerunning
+the same command resumes an interrupted run or reports a finished one; a different config for an existing
+directory is refused so nothing written is lost (``out`` and the volatile keys below are not compared, so
+a run directory may be moved). The whole config (data, model, KD method, teacher, schedule) is checked
+before the directory is made, so a failed command leaves nothing behind that blocks its corrected
+version; one process at a time works in a run directory (:class:`~rolekd.files.RunLock`, a second one is
+refused with one line). A run whose loss or weights become non-finite stops with
+:class:`~rolekd.train.NonFiniteLoss`; its ``result.json`` says ``"status": "diverged"`` and a rerun
+reports that again.
 
 What outlives one build (decoded datasets, loaded frozen teachers, a KD method's prepared parts such as
 MHGD's attention network) lives in a :class:`Session`: one per command, or one per pipeline run shared
@@ -54,6 +55,7 @@ from .train import NonFiniteLoss, Trainer, resolve_device
 _VOLATILE = {("train", "progress"), ("train", "device"), ("train", "threads"), ("search", "ray_address"),
              ("pipeline", "workers"), ("pipeline", "executor"), ("pipeline", "ray_num_cpus"),
              ("pipeline", "ray_num_gpus")}
+RANDOM_SCHEDULE = "random_schedule.json"  # a run's random schedule (augment.matched_random_seed), before fitting
 _PREPARE_SEED = 7919  # RNG of a KD method's own preparation (batch shuffling, initialisation, dropout)
 
 
@@ -88,6 +90,18 @@ def _stable(d: dict) -> dict:
     return d
 
 
+def _with_defaults(defaults: dict, written: dict) -> dict:
+    """``written`` (a run's config.yaml) with the keys it lacks taken from ``defaults``: a key added to rolekd
+    after the run was made did not exist then, so the run had its default."""
+    out = dict(written)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and v and isinstance(out[k], dict):
+            out[k] = _with_defaults(v, out[k])
+    return out
+
+
 def _first_difference(a, b, where: str = "") -> str:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in list(a) + [k for k in b if k not in a]:
@@ -113,6 +127,7 @@ def check_run_dir(cfg: Config, run_dir: Path) -> bool:
             raise UserError(f"run directory {run_dir}: its config.yaml is unreadable ({type(e).__name__}); restore "
                             f"it (it holds the run's resolved config), or choose another directory with out=DIR") \
                 from None
+        old = _with_defaults(Config().model_dump(mode="json"), old)  # keys added to rolekd since the run
         if _stable(old) != _stable(cfg.model_dump(mode="json")):
             diff = _first_difference(_stable(old), _stable(cfg.model_dump(mode="json")))
             raise UserError(f"run directory {run_dir} holds a run with a different config ({diff}); rerun with the "
@@ -163,12 +178,24 @@ def build_augment(cfg: Config, bundle: DataBundle) -> BatchAugment:
                         fill=bundle.fill)
 
 
-def build_schedule(cfg: Config, epochs: int) -> Callable[[int], Sequence[int]] | None:
-    """The per-epoch policy function of ``augment.schedule`` (None: base augmentation only)."""
+def load_schedule(cfg: Config) -> Schedule | None:
+    """The schedule of ``augment.schedule`` before it is fitted to the training's epochs, or with
+    ``augment.matched_random_seed`` its matched random schedule (None: base augmentation only)."""
     if not cfg.augment.schedule:
         return None
     sched = Schedule.load(cfg.augment.schedule, epochs=cfg.augment.schedule_epochs,
                           multiplier=cfg.augment.multiplier)
+    if cfg.augment.matched_random_seed is not None:
+        sched.source = str(cfg.augment.schedule)  # what it is matched to, as the config names it
+        sched = sched.matched_random(cfg.augment.matched_random_seed)
+    return sched
+
+
+def build_schedule(cfg: Config, epochs: int) -> Callable[[int], Sequence[int]] | None:
+    """The per-epoch policy function of ``augment.schedule`` (None: base augmentation only)."""
+    sched = load_schedule(cfg)
+    if sched is None:
+        return None
     if cfg.augment.fit_epochs:
         sched = sched.fit_to(epochs)
     return sched.vector_at
@@ -435,6 +462,8 @@ def train_from_config(cfg: Config, run_dir: Path | None = None, log_name: str = 
         trainer = build_trainer(cfg, session, run_dir, log_name=log_name)
         lock.acquire()
         prepare_run_dir(cfg, run_dir)
+        if cfg.augment.matched_random_seed is not None:  # the drawn schedule it trains with (before fitting)
+            load_schedule(cfg).save(run_dir / RANDOM_SCHEDULE)
         done = _finished(run_dir)
         if done is not None:
             return done

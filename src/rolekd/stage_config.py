@@ -31,6 +31,8 @@ def stage_config(cfg: Config, st: Stage, root: Path, k: int = 0) -> Config:
         # integer ratios, without its truncation for the others)
         augment = {"schedule": str(schedule_path(st.schedule, root, cfg.pipeline.teacher_schedule)),
                    "schedule_epochs": None, "multiplier": 1.0, "fit_epochs": True}
+        if st.random_schedule:  # a control: a random schedule of its own per seed run, drawn from its seed
+            augment["matched_random_seed"] = int(train.get("seed", cfg.train.seed))
     elif st.base_only:
         augment = {"cutout": 0}  # the paper's baselines: random crop and horizontal flip only
     d = stage_dir(st.name, k)

@@ -2,7 +2,9 @@
 
 Stage α searches the teacher's schedule A_T and retrains the teacher with it; stage β searches the
 student's schedule A_S with KD from the stage-α teacher and retrains the student with KD and A_S. The
-baselines are the comparisons the paper makes (Tables 1-4).
+baselines are the comparisons the paper makes (Tables 1-4) and two controls, the teacher and the student
+(with KD) retrained with a random schedule matched to A_T resp. A_S epoch by epoch (in every epoch as many
+op slots with a probability above 0, the ops, probabilities and magnitudes drawn uniformly).
 
 Augmentation (paper §5.1 and PBA): stages without a learned schedule (the baselines ``vanilla_*`` and
 ``only_kd``) use random crop and horizontal flip only; stages with a learned schedule, and the searches,
@@ -28,6 +30,9 @@ class Stage:
     label: str  # the report's row label
     baseline: bool  # optional: listed in pipeline.baselines
     paper_row: str | None = None  # the row key of the paper's tables (report/paper.yaml)
+    # a control: trained with a random schedule matched epoch by epoch to ``schedule``'s (as many active
+    # slots, ops and their probabilities and magnitudes drawn at random from the run's seed)
+    random_schedule: bool = False
 
     @property
     def base_only(self) -> bool:
@@ -56,10 +61,16 @@ STAGES: tuple[Stage, ...] = (
           label="only KD (no learned schedule)", baseline=True, paper_row="only_kd"),
     Stage("student_teacher_schedule", "train", "student", kd=True, schedule="alpha_search", init="teacher",
           label="KD + teacher's schedule A_T", baseline=True, paper_row="student_teacher_schedule"),
+    Stage("teacher_random_schedule", "train", "teacher", kd=False, schedule="alpha_search", init="scratch",
+          label="teacher with a random schedule matched to A_T", baseline=True, random_schedule=True),
+    Stage("student_random_schedule", "train", "student", kd=True, schedule="beta_search", init="teacher",
+          label="KD + a random schedule matched to A_S", baseline=True, random_schedule=True),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 BASELINES: tuple[str, ...] = tuple(s.name for s in STAGES if s.baseline)
+# pipeline.baselines by default: the paper's comparisons; the random-schedule controls are asked for by name
+DEFAULT_BASELINES: tuple[str, ...] = tuple(s.name for s in STAGES if s.baseline and not s.random_schedule)
 
 
 def schedule_path(search: str, root: Path, teacher_schedule: str | None = None) -> Path:

@@ -31,7 +31,7 @@ from rolekd.augment.ops import (
     kernel_groups,
     scratch,
 )
-from rolekd.augment.space import MAX_PROB, NUM_OPS, OPS, validate_policy
+from rolekd.augment.space import MAX_PROB, NUM_OPS, NUM_SLOTS, OPS, validate_policy
 
 __all__ = ["COUNT_PROBS", "MAX_FIRED", "fired_slots", "apply_policy", "slot_ops"]
 
@@ -39,7 +39,6 @@ COUNT_PROBS: tuple[float, float, float] = (0.2, 0.3, 0.5)
 """PBA's distribution of the number of ops per image (0, 1, 2) for its ``cifar10`` aug policy."""
 
 MAX_FIRED = 2
-NUM_SLOTS = 2 * NUM_OPS
 
 
 def slot_ops(policy: Sequence[int]) -> list[tuple[str, int, int]]:

@@ -40,7 +40,9 @@ from collections import namedtuple
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from rolekd.augment.space import OPS, POLICY_LEN, validate_policy
+import numpy as np
+
+from rolekd.augment.space import MAX_LEVEL, MAX_PROB, NUM_SLOTS, OPS, POLICY_LEN, active_slots, validate_policy
 from rolekd.errors import UserError
 from rolekd.files import write_file
 
@@ -166,6 +168,36 @@ class Schedule:
         meta = dict(self.meta)
         meta["fitted_to"] = epochs
         return Schedule([self._policies[e * n // epochs] for e in range(epochs)], source=self.source, meta=meta)
+
+    def active_slots(self) -> list[int]:
+        """Per epoch, the number of slots whose probability is above 0."""
+        return [active_slots(p) for p in self._policies]
+
+    def matched_random(self, seed: int) -> "Schedule":
+        """A random schedule matched to this one epoch by epoch: in each epoch as many active slots as
+        this schedule's, chosen uniformly without replacement among the 30 slots, each with a probability
+        drawn uniformly from 1..10 and a magnitude from 0..9 (the ranges of PBA's explore, the probability
+        kept above 0); the other slots are all 0. Drawn from ``numpy.random.default_rng(seed)``, epoch
+        after epoch. A schedule with no active slot in any epoch is a UserError (its match is itself)."""
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        counts = self.active_slots()
+        if not any(counts):
+            raise UserError(f"{self.source or 'schedule'}: no op has a probability above 0 in any of its {len(self)} "
+                            f"epochs, so a random schedule matched to it would apply no op either; a random "
+                            f"control needs a learned schedule that applies ops")
+        rng = np.random.default_rng(int(seed))
+        pols = []
+        for k in counts:
+            p = [0] * POLICY_LEN
+            slots = rng.choice(NUM_SLOTS, size=k, replace=False)
+            probs = rng.integers(1, MAX_PROB + 1, size=k)
+            levels = rng.integers(0, MAX_LEVEL + 1, size=k)
+            for s, pr, lv in zip(slots, probs, levels):
+                p[2 * int(s)], p[2 * int(s) + 1] = int(pr), int(lv)
+            pols.append(p)
+        meta = {"kind": "matched-random", "seed": int(seed), "matched_to": self.source, "active_slots": counts}
+        return Schedule(pols, source=f"random, matched to {self.source or 'a schedule'}", meta=meta)
 
     # ---- constructors ---------------------------------------------------------------------
     @classmethod

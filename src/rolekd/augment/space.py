@@ -10,6 +10,7 @@ OPS: tuple[str, ...] = (
 )
 NUM_OPS = len(OPS)
 POLICY_LEN = 4 * NUM_OPS  # two halves of (probability, magnitude) per op
+NUM_SLOTS = 2 * NUM_OPS  # (probability, magnitude) slots: slot s holds policy[2 * s] and policy[2 * s + 1]
 MAX_PROB = 10  # probability is v/10
 MAX_LEVEL = 9
 
@@ -37,3 +38,9 @@ def policy_tuples(policy: Sequence[int]) -> list[tuple[str, float, int]]:
     """The 30 ``(op name, probability, level)`` tuples of a policy, first half then second."""
     v = validate_policy(policy)
     return [(OPS[(i % (2 * NUM_OPS)) // 2], v[i] / MAX_PROB, v[i + 1]) for i in range(0, POLICY_LEN, 2)]
+
+
+def active_slots(policy: Sequence[int]) -> int:
+    """The number of slots of ``policy`` whose probability is above 0."""
+    v = validate_policy(policy)
+    return sum(1 for i in range(0, POLICY_LEN, 2) if v[i] > 0)

@@ -302,7 +302,8 @@ def _say(msg: str) -> None:
 
 def run_graph(tasks: Sequence[Task], executor, on_done: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
     """Run every task once what it needs has finished, at most ``executor.slots`` at a time; returns
-    {dir: result} in task order. The first failure is raised after the tasks in flight finish (those
+    {dir: result} in task order. ``on_done(dir, result)`` runs after each task (a UserError there counts as
+    that task's failure). The first failure is raised after the tasks in flight finish (those
     waiting for the failed one never start); KeyboardInterrupt stops everything."""
     needs = dependencies(tasks)
     position = {t.dir: i for i, t in enumerate(tasks)}
@@ -338,9 +339,12 @@ def run_graph(tasks: Sequence[Task], executor, on_done: Callable[[str, dict], No
                          + (f"; waiting for {', '.join(running.values())}" if running else ""))
                     continue
                 results[d] = fut.result()
-                if on_done is not None:
-                    on_done(d, results[d])
                 _say(f"done {d} in {time.time() - started[d]:.0f} s ({len(results)}/{total} done)")
+                if on_done is not None:
+                    try:
+                        on_done(d, results[d])
+                    except UserError as e:  # a check of what the run produced: no new start, as a failure
+                        failures.append((d, e))
     except BaseException:
         executor.close(cancel=True)
         raise

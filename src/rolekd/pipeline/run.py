@@ -12,6 +12,8 @@ finished stages and resumes an interrupted one:
     vanilla_student/          baseline: low-bit student from the teacher's weights, no KD
     only_kd/                  baseline: KD, base augmentation only (no learned schedule)
     student_teacher_schedule/ baseline: KD with the teacher's schedule A_T (the paper's Table 3)
+    teacher_random_schedule/  control: teacher with a random schedule matched to A_T (when listed)
+    student_random_schedule/  control: KD + a random schedule matched to A_S (when listed)
     report.md, figures/
 
 With ``pipeline.seeds=N`` every retraining stage runs N times, with seeds ``train.seed + k``; run ``k``
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from ..config import Config, derive, load_config
 from ..errors import UserError
-from ..experiment import Session, check_config, check_run_dir, prepare_run_dir
+from ..experiment import Session, check_config, check_run_dir, load_schedule, prepare_run_dir
 from ..files import RunLock, atomic_write
 from ..report import build_report
 from ..stage_config import stage_config
@@ -69,7 +71,20 @@ def stage_runs(cfg: Config, root: Path | None = None) -> list[StageRun]:
     for k in range(1, cfg.pipeline.seeds):
         runs += [StageRun(st, stage_dir(st.name, k), stage_config(cfg, st, root, k))
                  for st in stages if st.kind == "train"]
+    check_random_controls(runs)
     return runs
+
+
+def check_random_controls(runs: list[StageRun]) -> None:
+    """Draw the random schedule of each random-schedule control whose learned schedule exists already
+    (given, or written by a finished search): a learned schedule that applies no op is one UserError line."""
+    for r in runs:
+        if r.stage.random_schedule and Path(r.config.augment.schedule).is_file():
+            try:
+                load_schedule(r.config)
+            except UserError as e:
+                raise UserError(f"pipeline stage {r.dir}: {e}; leave {r.stage.name} out of pipeline.baselines") \
+                    from None
 
 
 def stage_configs(cfg: Config, root: Path | None = None) -> dict[str, Config]:
@@ -100,16 +115,21 @@ def run_pipeline(config: Config | str | Path | None = None, overrides: list[str]
                             kd={"method": role.method, "teacher": None}), files=False, search=True)
     check_run_dir(cfg, cfg.run_dir())  # read-only: nothing is written into a foreign or another run's directory
     with RunLock(cfg.run_dir()):
+        runs = stage_runs(cfg, cfg.run_dir())  # its checks of given schedules, before config.yaml is written
         root = prepare_run_dir(cfg)
-        runs = stage_runs(cfg, root)
         pl = plan(cfg, len(runs))
         tasks = [with_threads(Task(r.dir, r.stage.kind, r.config), pl.threads) for r in runs]
         where = {"inline": "one after another in this process", "local": f"{pl.workers} worker processes",
                  "ray": f"Ray tasks, at most {pl.workers} at once"}[pl.executor]
         threads = f", {pl.threads} thread(s) each" if pl.threads else ""
         print(f"== rolekd run: {len(tasks)} stage runs, {where}{threads}", flush=True)
+        position = {r.dir: i for i, r in enumerate(runs)}
+
+        def after(d: str, result: dict) -> None:
+            if d in position and runs[position[d]].stage.kind == "search":
+                check_random_controls(runs)  # as soon as a learned schedule exists, before its control starts
         with Session() as session:
-            results = run_graph(tasks, make_executor(cfg, pl, session))
+            results = run_graph(tasks, make_executor(cfg, pl, session), on_done=after)
         atomic_write(root / "results.json", json.dumps(results, indent=2, default=str))
         report = build_report(root)
     print(f"report: {report}")

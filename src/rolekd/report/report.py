@@ -3,10 +3,11 @@
 Every number is read from the stages' ``result.json`` / ``search.json`` / ``metrics.jsonl`` files. The
 report says what was trained (model, bits, epochs, data sizes, seeds); gives each stage's test accuracy
 as mean ± std over its seeds; gives every comparison the paper makes as a paired difference (seed by
-seed) with its spread and whether it stands out from the seed-to-seed noise; and checks what it
-reports: a learned schedule that applies no op, and two stages that trained identically, are said in
-words. The paper's numbers (``paper.yaml``; sources in docs/PAPER_NUMBERS.md) appear beside a cell
-only when the cell's setting matches the paper's.
+seed) with its spread, its 95% confidence interval and paired-t p-value, and whether it stands out from
+the seed-to-seed noise; and checks what it reports: a learned schedule that applies no op, two stages
+that trained identically, and a random-schedule control whose schedule is not matched to its learned
+one are said in words. The paper's numbers (``paper.yaml``; sources in docs/PAPER_NUMBERS.md) appear
+beside a cell only when the cell's setting matches the paper's.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from pathlib import Path
 import numpy
 import torch
 import yaml
+from scipy import stats
 
 from .. import __version__
 from ..augment.schedule import Schedule
 from ..augment.space import POLICY_LEN
 from ..config import Config, validate_config
 from ..errors import UserError
+from ..experiment import RANDOM_SCHEDULE
 from ..files import atomic_write
 from ..plots import plot_rewards, plot_schedules_side_by_side, plot_test_curves
 from ..stage_config import stage_config
@@ -54,9 +57,9 @@ COMPARISONS = [
     ("student schedule vs teacher schedule (A_S vs A_T, both with KD)", "student", "student_teacher_schedule"),
     ("KD vs no KD (only-KD, from the teacher, vs the vanilla student, from scratch)", "only_kd", "vanilla_student"),
     ("student with A_T vs vanilla student (no KD, both from scratch)", "student_alpha", "vanilla_student"),
+    ("A_T vs random (teacher)", "teacher", "teacher_random_schedule"),
+    ("A_S vs random (both with KD)", "student", "student_random_schedule"),
 ]
-# two-sided 95% quantiles of Student's t by degrees of freedom (1..10); 1.96 beyond
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -99,7 +102,13 @@ def collect(root: str | Path) -> dict:
     for d in SCHEDULES:
         f = schedule_path(d, root, cfg.pipeline.teacher_schedule)
         schedules[d] = Schedule.load(f) if f.is_file() else None
-    return {"root": root, "config": cfg, "runs": runs, "schedules": schedules}
+    # the random schedules of the random-schedule controls, by stage, per seed run (None where absent)
+    randoms = {}
+    for st in STAGES:
+        if st.random_schedule and st.name in runs:
+            files = [root / stage_dir(st.name, k) / RANDOM_SCHEDULE for k in range(cfg.pipeline.seeds)]
+            randoms[st.name] = [Schedule.load(f) if f.is_file() else None for f in files]
+    return {"root": root, "config": cfg, "runs": runs, "schedules": schedules, "randoms": randoms}
 
 
 # ---------------------------------------------------------------------------------------- numbers
@@ -115,8 +124,16 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom."""
+    return float(stats.t.ppf(0.975, df))
+
+
 def paired(a: list[float | None], b: list[float | None]) -> dict | None:
-    """The seed-by-seed differences a - b: mean, std, n, paired t and the verdict against seed noise."""
+    """The seed-by-seed differences a - b: mean, std, n, paired t, the 95% confidence interval of the mean
+    (mean ± t_{0.975, n-1} · sd / √n), the two-sided p-value of the paired t test and the verdict against
+    seed noise. ``ci`` and ``p`` are None where the differences have no spread (one seed, or the same
+    difference in every seed)."""
     # rounded: accuracies are multiples of 1/n_test, so a difference that is the same in every seed must
     # give a spread of exactly 0 (not 1e-15 and a paired t of 1e15)
     diffs = [round(x - y, 9) for x, y in zip(a, b) if x is not None and y is not None]
@@ -124,14 +141,18 @@ def paired(a: list[float | None], b: list[float | None]) -> dict | None:
         return None
     n, mean = len(diffs), statistics.mean(diffs)
     if n == 1:
-        return {"mean": mean, "std": None, "n": 1, "t": None,
+        return {"mean": mean, "std": None, "n": 1, "t": None, "ci": None, "p": None,
                 "verdict": "one seed: the seed-to-seed noise is unknown (run with seeds=N, N >= 2)"}
     sd = statistics.stdev(diffs)
-    crit = _T95.get(n - 1, 1.96)
+    crit = t95(n - 1)
+    ci = p = None
     if sd == 0:
         t = math.inf if mean else 0.0
     else:
         t = mean / (sd / math.sqrt(n))
+        half = crit * sd / math.sqrt(n)
+        ci = (mean - half, mean + half)
+        p = float(2 * stats.t.sf(abs(t), n - 1))
     if mean == 0 and sd == 0:
         verdict = "identical in every seed"
     elif sd == 0:
@@ -141,7 +162,7 @@ def paired(a: list[float | None], b: list[float | None]) -> dict | None:
         verdict = f"larger than the seed-to-seed noise (paired t = {t:.2f}, 95% needs abs(t) > {crit:.2f})"
     else:
         verdict = f"within the seed-to-seed noise (paired t = {t:.2f}, 95% needs abs(t) > {crit:.2f})"
-    return {"mean": mean, "std": sd, "n": n, "t": t, "verdict": verdict}
+    return {"mean": mean, "std": sd, "n": n, "t": t, "ci": ci, "p": p, "verdict": verdict}
 
 
 def _paper_cells() -> tuple[list[dict], int | None]:
@@ -185,6 +206,36 @@ def schedule_activity(sched: Schedule) -> tuple[int, int]:
     """(epochs in which some op has probability > 0, epochs) of a schedule."""
     active = sum(1 for p in sched.policies if any(p[i] > 0 for i in range(0, POLICY_LEN, 2)))
     return active, len(sched)
+
+
+def random_schedule_checks(info: dict) -> list[str]:
+    """One line per random-schedule control: whether each seed run's random schedule has its learned
+    schedule's number of active slots in every epoch, and differs from it."""
+    lines = []
+    for name, randoms in info["randoms"].items():
+        st = stage(name)
+        learned = info["schedules"].get(st.schedule)
+        found = [(k, r) for k, r in enumerate(randoms) if r is not None]
+        if learned is None or not found:
+            continue
+        unmatched = [k for k, r in found if r.active_slots() != learned.active_slots()]
+        same = [k for k, r in found if r == learned]
+        what = SCHEDULES[st.schedule]
+        problems = []
+        if unmatched:
+            problems.append(f"in seed run(s) {', '.join(map(str, unmatched))} it does not have {what}'s number of "
+                            f"active slots in every epoch")
+        if same:
+            problems.append(f"in seed run(s) {', '.join(map(str, same))} it is {what} itself")
+        if problems:
+            lines.append(f"- **The random schedule of {st.label} is not a matched random schedule**: "
+                         f"{'; '.join(problems)}.")
+        else:
+            seeds = ", ".join(str(r.meta.get("seed")) for _, r in found)
+            lines.append(f"- The random schedules of {st.label} ({len(found)} seed run(s), seeds {seeds}, "
+                         f"`{RANDOM_SCHEDULE}`) have {what}'s number of active slots in each of its {len(learned)} "
+                         f"epochs ({sum(learned.active_slots())} in all) and differ from it.")
+    return lines
 
 
 def _trajectory(results: dict | None) -> list[tuple] | None:
@@ -240,6 +291,10 @@ def _figures(info: dict) -> list[str]:
         if sched is not None:
             active, epochs = schedule_activity(sched)
             scheds[f"{label}: ops in {active} of {epochs} epochs"] = sched
+    for name, randoms in info["randoms"].items():
+        first = next(((k, r) for k, r in enumerate(randoms) if r is not None), None)
+        if first is not None:
+            scheds[f"random, matched to {SCHEDULES[stage(name).schedule].split()[0]} (seed run {first[0]})"] = first[1]
     if scheds:
         plot_schedules_side_by_side(scheds, fig_dir / "schedules.png")
         lines.append("![schedules](figures/schedules.png)")
@@ -341,6 +396,7 @@ def build_report(root: str | Path) -> Path:
         which = "every seed" if len(seeds) == len(runs[a]) else "seed(s) " + ", ".join(map(str, seeds))
         lines.append(f"- **{stage(a).label} and {stage(b).label} trained identically** (the same losses and "
                      f"accuracies in every epoch, {which}): their comparison compares a run with itself.")
+    lines += random_schedule_checks(info)
     lines.append("")
     lines += ["## Results", ""]
     lines += _table(info, "teacher", cells, paper_epochs)
@@ -351,10 +407,13 @@ def build_report(root: str | Path) -> Path:
             p = paired(_accs(runs[a]), _accs(runs[b]))
             if p is not None:
                 spread = f" ± {p['std']:.2f}" if p["std"] is not None else ""
-                comps.append(f"| {label} | {p['mean']:+.2f}{spread} | {p['n']} | {p['verdict']} |")
+                ci = "—" if p["ci"] is None else f"[{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}]"
+                pv = "—" if p["p"] is None else f"{p['p']:.3g}"
+                comps.append(f"| {label} | {p['mean']:+.2f}{spread} | {p['n']} | {ci} | {pv} | {p['verdict']} |")
     if comps:
         lines += ["### Comparisons (paired by seed)", "",
-                  "| comparison | difference (points), mean ± std | seeds | verdict |", "|---|---:|---:|---|"]
+                  "| comparison | difference (points), mean ± std | seeds | 95% CI of the mean (paired t) | "
+                  "p (two-sided paired t) | verdict |", "|---|---:|---:|---:|---:|---|"]
         lines += comps + [""]
     searches = [(k, runs[k][0]) for k in SEARCHES if k in runs and runs[k][0]]
     if searches:

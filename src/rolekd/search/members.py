@@ -57,7 +57,7 @@ def member_config(cfg: Config, index: int) -> Config:
     return derive(cfg, f"search member {index}",
                   train={"epochs": cfg.search.epochs, "seed": member_seed(cfg.search.seed, index), "progress": False,
                          "eval_every": cfg.search.eval_every or cfg.search.epochs},
-                  augment={"schedule": None, "schedule_epochs": None},
+                  augment={"schedule": None, "schedule_epochs": None, "matched_random_seed": None},
                   **({"kd": KDConfig()} if cfg.search.role == "teacher" else {}))
 
 
