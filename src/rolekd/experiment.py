@@ -223,11 +223,12 @@ def set_batchnorm(model: nn.Module, momentum: float | None = None, eps: float | 
 
 
 def channels_last(cfg: Config, device: torch.device) -> bool:
-    """``train.channels_last``; ``auto`` is on for CUDA and for a CPU run with one thread (``train.threads``
-    or its default), where it was measured faster (benchmarks/RESULTS.md), and off for several CPU threads."""
+    """``train.channels_last``; ``auto`` is on for CUDA and for CPU training with one torch thread (the
+    thread count in force when the run is built: ``train.threads`` as the CLI, the pipeline's workers and Ray
+    actors set it), where it was measured faster (benchmarks/RESULTS.md), and off for several CPU threads."""
     if cfg.train.channels_last != "auto":
         return cfg.train.channels_last == "on"
-    return device.type == "cuda" or (device.type == "cpu" and cfg.train.num_threads() == 1)
+    return device.type == "cuda" or (device.type == "cpu" and torch.get_num_threads() == 1)
 
 
 def make_loaders(cfg: Config, bundle: DataBundle, device: torch.device, augment=None

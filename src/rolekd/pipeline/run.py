@@ -39,6 +39,7 @@ from ..config import Config, derive, load_config
 from ..errors import UserError
 from ..experiment import Session, check_config, check_run_dir, load_schedule, prepare_run_dir
 from ..files import RunLock, atomic_write
+from ..provenance import record_code
 from ..report import build_report
 from ..stage_config import stage_config
 from ..stages import STAGES, Stage, schedule_path, stage_dir
@@ -117,6 +118,7 @@ def run_pipeline(config: Config | str | Path | None = None, overrides: list[str]
     with RunLock(cfg.run_dir()):
         runs = stage_runs(cfg, cfg.run_dir())  # its checks of given schedules, before config.yaml is written
         root = prepare_run_dir(cfg)
+        record_code(root)
         pl = plan(cfg, len(runs))
         tasks = [with_threads(Task(r.dir, r.stage.kind, r.config), pl.threads) for r in runs]
         where = {"inline": "one after another in this process", "local": f"{pl.workers} worker processes",

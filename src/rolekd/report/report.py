@@ -31,6 +31,7 @@ from ..config import Config, validate_config
 from ..errors import UserError
 from ..experiment import RANDOM_SCHEDULE
 from ..files import atomic_write
+from ..provenance import describe_code
 from ..plots import plot_rewards, plot_schedules_side_by_side, plot_test_curves
 from ..stage_config import stage_config
 from ..stages import STAGES, Stage, schedule_path, stage, stage_dir
@@ -428,5 +429,5 @@ def build_report(root: str | Path) -> Path:
         lines.append("")
     lines += ["## Figures", ""] + _figures(info) + [""]
     lines += ["## Config", "", "```yaml", (root / "config.yaml").read_text().rstrip(), "```", "", "## Versions", ""]
-    lines += _versions() + [""]
+    lines += _versions() + describe_code(root) + [""]
     return atomic_write(root / "report.md", "\n".join(lines))
