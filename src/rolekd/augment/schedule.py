@@ -178,14 +178,11 @@ class Schedule:
         this schedule's, chosen uniformly without replacement among the 30 slots, each with a probability
         drawn uniformly from 1..10 and a magnitude from 0..9 (the ranges of PBA's explore, the probability
         kept above 0); the other slots are all 0. Drawn from ``numpy.random.default_rng(seed)``, epoch
-        after epoch. A schedule with no active slot in any epoch is a UserError (its match is itself)."""
+        after epoch. A schedule with no active slot in any epoch is matched by itself (no op in any epoch):
+        a search may learn that no augmentation is best, and its control then trains exactly as it does."""
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         counts = self.active_slots()
-        if not any(counts):
-            raise UserError(f"{self.source or 'schedule'}: no op has a probability above 0 in any of its {len(self)} "
-                            f"epochs, so a random schedule matched to it would apply no op either; a random "
-                            f"control needs a learned schedule that applies ops")
         rng = np.random.default_rng(int(seed))
         pols = []
         for k in counts:

@@ -78,14 +78,14 @@ def stage_runs(cfg: Config, root: Path | None = None) -> list[StageRun]:
 
 def check_random_controls(runs: list[StageRun]) -> None:
     """Draw the random schedule of each random-schedule control whose learned schedule exists already
-    (given, or written by a finished search): a learned schedule that applies no op is one UserError line."""
+    (given, or written by a finished search): a schedule that cannot be read is one UserError line, before the
+    control starts."""
     for r in runs:
         if r.stage.random_schedule and Path(r.config.augment.schedule).is_file():
             try:
                 load_schedule(r.config)
             except UserError as e:
-                raise UserError(f"pipeline stage {r.dir}: {e}; leave {r.stage.name} out of pipeline.baselines") \
-                    from None
+                raise UserError(f"pipeline stage {r.dir}: {e}") from None
 
 
 def stage_configs(cfg: Config, root: Path | None = None) -> dict[str, Config]:
