@@ -51,7 +51,8 @@ class Runs:
     def get(self, name: str) -> Path:
         if name not in self.dirs:
             d = self.root / name
-            teacher = (lambda: self.get("teacher")) if name.startswith("resnet_tiny") else (lambda: None)
+            teacher = (lambda: self.get("teacher")) if name.startswith("resnet_tiny") else \
+                (lambda: self.get("resnet18")) if name.startswith("resnet18-") else (lambda: None)
             recipe = {
                 # a resnet_tiny teacher, then students from it (a distilled one, and a plain train run)
                 "teacher": f"train model=resnet_tiny epochs=2 data.max_train=1000 train.lr=0.002 {FAST}",
@@ -61,10 +62,14 @@ class Runs:
                                    f"epochs=1 data.max_train=500 train.lr=0.001 {FAST}",
                 "alexnet-4-4": f"train model=alexnet w_bits=4 a_bits=4 epochs=1 data.max_train=512 train.lr=0.001 "
                                f"train.batch_size=64 {FAST}",
-                "resnet18-4-4": f"train model=resnet18 w_bits=4 a_bits=4 epochs=1 data.max_train=256 train.lr=0.001 "
-                                f"train.batch_size=64 {FAST}",
-                "resnet18-2-2": f"train model=resnet18 w_bits=2 a_bits=2 epochs=1 data.max_train=256 train.lr=0.001 "
-                                f"train.batch_size=64 {FAST}",
+                # ResNet18 (slow): students from a short-trained full-precision ResNet18, so that their logits
+                # separate the classes (a 4-bit ResNet18 from scratch is near chance after one short epoch)
+                "resnet18": f"train model=resnet18 epochs=2 data.max_train=2000 train.lr=0.002 train.batch_size=64 "
+                            f"{FAST}",
+                "resnet18-4-4": f"train model=resnet18 teacher={teacher()} w_bits=4 a_bits=4 epochs=1 "
+                                f"data.max_train=500 train.lr=0.0005 train.batch_size=64 {FAST}",
+                "resnet18-2-2": f"train model=resnet18 teacher={teacher()} w_bits=2 a_bits=2 epochs=1 "
+                                f"data.max_train=500 train.lr=0.0005 train.batch_size=64 {FAST}",
             }[name]
             assert _cli(recipe, f"out={d}") == 0
             self.dirs[name] = d
