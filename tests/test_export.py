@@ -266,6 +266,8 @@ def test_activation_rounding_equals_torch_at_every_half_way_point():
         x = (mids[:, None] + np.arange(-300, 301, dtype=np.int32)[None, :]).view(np.float32).ravel()
         x = np.concatenate([x, np.float32([0.5, 0.0, 1.0, -0.0, -1e-8, 1.0000001, -3.0, 7.0, 1e-30])])
         proto = build_onnx(ActQuant(bits), torch.zeros(1, len(x)), what=f"{bits}-bit activations")
+        ops = [node.op_type for node in proto.graph.node if node.op_type != "Constant"]
+        assert ops == ["Clip", "Mul", "QuantizeLinear", "DequantizeLinear", "Div"], ops
         got, = _ort_logits(proto, torch.from_numpy(x)[None])
         want = quantize_activation(torch.from_numpy(x)[None], bits).numpy()
         assert np.array_equal(got, want), (bits, x[(got != want)[0]][:5])

@@ -179,6 +179,8 @@ def export_ready(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` in which every DoReFa quantizer is replaced by a module that
     computes the same float32 values and exports as QuantizeLinear/DequantizeLinear (module paths kept)."""
     m = copy.deepcopy(model).cpu().float().eval()
+    if type(m) is ActQuant:  # a quantizer on its own
+        return _ExportAct(m.a_bits).eval() if m.a_bits != FULL_PRECISION else nn.Identity()
     for path, mod in list(m.named_modules()):
         if type(mod) in (QConv2d, QLinear):
             mod.__class__ = _ExportConv2d if isinstance(mod, nn.Conv2d) else _ExportLinear
@@ -186,6 +188,12 @@ def export_ready(model: nn.Module) -> nn.Module:
         elif type(mod) is ActQuant and mod.a_bits != FULL_PRECISION:
             parent, _, name = path.rpartition(".")
             setattr(m.get_submodule(parent) if parent else m, name, _ExportAct(mod.a_bits))
+    # a DoReFa quantizer left over would be traced as float operations (the weights as floats): refuse
+    left = [p for p, x in m.named_modules() if isinstance(x, (QConv2d, QLinear, ActQuant))
+            and (getattr(x, "w_bits", FULL_PRECISION) != FULL_PRECISION or x.a_bits != FULL_PRECISION)]
+    if left:
+        raise UserError(f"cannot export {left[0]!r}: {type(m.get_submodule(left[0])).__name__} is a subclass of a "
+                        f"DoReFa layer that rolekd export does not know; use QConv2d/QLinear/ActQuant themselves")
     return m
 
 
