@@ -69,7 +69,7 @@ class Runs:
                 "resnet18-4-4": f"train model=resnet18 teacher={teacher()} w_bits=4 a_bits=4 epochs=1 "
                                 f"data.max_train=500 train.lr=0.0005 train.batch_size=64 {FAST}",
                 "resnet18-2-2": f"train model=resnet18 teacher={teacher()} w_bits=2 a_bits=2 epochs=1 "
-                                f"data.max_train=500 train.lr=0.0005 train.batch_size=64 {FAST}",
+                                f"data.max_train=1000 train.lr=0.002 train.batch_size=64 {FAST}",
             }[name]
             assert _cli(recipe, f"out={d}") == 0
             self.dirs[name] = d
