@@ -13,7 +13,7 @@ from rolekd.registry import Registry
 from rolekd.stages import BASELINES, STAGE_NAMES, STAGES
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "rolekd"
-TOP = {"experiment", "pipeline", "report", "cli", "schedule_cli"}  # the wiring layer and what sits on it
+TOP = {"experiment", "pipeline", "report", "export", "cli", "schedule_cli"}  # the wiring layer and what sits on it
 LOWER = ("data", "augment", "models", "quant", "distill", "train", "search")
 
 

@@ -5,6 +5,7 @@
     rolekd search  CONFIG role=teacher|student [teacher=RUN] [key=value ...]
     rolekd run     [CONFIG] [key=value ...]  the two-stage role-wise pipeline (default: quickstart)
     rolekd report  RUN_DIR                   rebuild a pipeline run's report.md
+    rolekd export  RUN_DIR [-o OUT.onnx]     a finished run's model as ONNX at its real bit widths
     rolekd schedule import|show|plot ...     PBA / Ray PBT schedules
     rolekd models                            list the model names
 
@@ -29,6 +30,7 @@ from . import __version__
 from .config import Config, load_config
 from .errors import RunFailed, UserError
 from .experiment import search_from_config, train_from_config
+from .export import describe, export_run
 from .models import list_models
 from .pipeline import run_pipeline
 from .pipeline.run import pipeline_config
@@ -92,6 +94,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    if args.check < 0:
+        raise UserError(f"--check {args.check}: give a number of test images >= 0 (0: no check)")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1 if args.threads is None else max(1, args.threads))
+    try:
+        print(describe(export_run(args.run_dir, args.output, check=args.check)))
+    finally:
+        torch.set_num_threads(old)
+    return 0
+
+
 def cmd_models(args) -> int:
     print("\n".join(list_models()))
     return 0
@@ -119,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild report.md of a pipeline run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("export", help="a finished train/distill run's model as ONNX at its real bit widths")
+    p.add_argument("run_dir", help="a finished train/distill run (or a pipeline's stage directory)")
+    p.add_argument("-o", "--output", default=None, help="the ONNX file to write (default RUN_DIR/model.onnx); "
+                                                        "its sizes go to OUT.size.json beside it")
+    p.add_argument("--check", type=int, default=200, metavar="N",
+                   help="compare onnxruntime with PyTorch on the first N test images (default 200; 0: skip)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the check (default 1)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("models", help="list model names")
     p.set_defaults(func=cmd_models)
     register_schedule_commands(sub)

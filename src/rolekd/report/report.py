@@ -30,6 +30,7 @@ from ..augment.space import POLICY_LEN
 from ..config import Config, validate_config
 from ..errors import UserError
 from ..experiment import RANDOM_SCHEDULE
+from ..export.size import config_size, num_classes_of, size_cell
 from ..files import atomic_write
 from ..provenance import describe_code
 from ..plots import plot_rewards, plot_schedules_side_by_side, plot_test_curves
@@ -353,8 +354,10 @@ def _what(info: dict, role: str) -> str:
 def _table(info: dict, role: str, cells: list[dict], paper_epochs: int | None) -> list[str]:
     cfg, runs = info["config"], info["runs"]
     title = "Teacher" if role == "teacher" else "Student"
+    student = role == "student"
     lines = [f"### {title}", "", _what(info, role) + ".", "",
-             "| stage | test acc (%), mean ± std over seeds | seeds | paper (%) |", "|---|---:|---:|---|"]
+             "| stage | test acc (%), mean ± std over seeds | seeds | paper (%) |" + (" size |" if student else ""),
+             "|---|---:|---:|---|" + ("---:|" if student else "")]
     for st in _rows(role):
         if st.name not in runs and st.baseline:
             continue
@@ -364,8 +367,23 @@ def _table(info: dict, role: str, cells: list[dict], paper_epochs: int | None) -
         sc = validate_config(saved, "stage config") if saved else stage_config(cfg, st, info["root"])
         setting = cell_setting(cfg, st, sc)
         lines.append(f"| {st.label} | {_mean_std(accs)} | {len(accs)} | "
-                     f"{paper_number(cells, paper_epochs, setting) or '—'} |")
+                     f"{paper_number(cells, paper_epochs, setting) or '—'} |"
+                     + (f" {_size(sc, info['root'] / first['_dir'] if first else None)} |" if student else ""))
+    if student:
+        lines += ["", "Size: the weights at their true bit widths (low-bit weights packed, everything else float32) "
+                      "and in float32 (`rolekd export` writes the model as ONNX)."]
     return lines + [""]
+
+
+def _size(stage_cfg: Config, run_dir: Path | None) -> str:
+    """The student's size at its bits, from its config and its number of classes (read from its weights)."""
+    weights = run_dir / "model.safetensors" if run_dir is not None else None
+    if weights is None or not weights.is_file():
+        return "—"
+    try:
+        return size_cell(config_size(stage_cfg, num_classes_of(stage_cfg, weights)))
+    except UserError:
+        return "—"
 
 
 def build_report(root: str | Path) -> Path:
