@@ -45,7 +45,6 @@ import copy
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -64,6 +63,7 @@ from ..data import DataBundle, DeviceLoader, Split, load_dataset
 from ..errors import UserError
 from ..experiment import build_model, set_batchnorm
 from ..files import dump_json, load_weights, read_summary, write_file
+from ..provenance import code_version
 from ..quant import FULL_PRECISION, ActQuant, QConv2d, QLinear, quantize_weight
 from .size import megabytes, model_size
 
@@ -361,13 +361,12 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def _source_commit() -> str:
-    """The git commit of the rolekd source this runs from ("unknown" outside a checkout)."""
-    try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
+    """The git commit of the rolekd checkout this runs from (with "+uncommitted changes" when its tracked files
+    differ from it; "unknown" outside a checkout), as :func:`rolekd.provenance.code_version` finds it."""
+    v = code_version()
+    if not v["commit"]:
         return "unknown"
+    return v["commit"] + (" +uncommitted changes" if v["dirty"] else "")
 
 
 def run_metadata(run: Run) -> dict[str, str]:
