@@ -41,3 +41,12 @@ def test_bad_configs_are_one_line_errors(tmp_path, text, overrides, match):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_on_and_off_words_survive_yaml():
+    """YAML 1.1 reads on / off as booleans; the word-valued keys take them back as words, from a file too."""
+    from rolekd.config import load_config
+
+    cfg = load_config(None, ["train.channels_last=on", "train.amp=off"])
+    assert cfg.train.channels_last == "on" and cfg.train.amp == "off"
+    assert load_config(None, ["train.channels_last=off"]).train.channels_last == "off"

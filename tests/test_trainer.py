@@ -151,3 +151,28 @@ def test_compile_without_a_cpp_compiler_is_one_line_and_trains_eagerly(bundle, m
     eager = make(bundle, epochs=1)
     eager.eval_loaders = {}
     assert compiled[0]["train_loss"] == eager.fit()[0]["train_loss"]
+
+
+def test_channels_last_trains_as_the_default_layout_within_rounding():
+    """``train.channels_last=on`` on CPU (what ``auto`` picks for one-thread runs): the model and the batches are
+    channels-last, and two epochs' losses and accuracies equal the default layout's within float rounding
+    (the fused-vs-local tolerance, 1e-4 relative, with a small learning rate as there so that rounding
+    differences are not amplified); only the summation order differs."""
+    from rolekd.config import load_config
+    from rolekd.experiment import Session, build_trainer
+
+    rows = {}
+    with Session() as session:
+        for cl in ("on", "off"):
+            cfg = load_config(None, ["model=resnet_tiny", "data.max_train=512", "data.max_test=256", "epochs=2",
+                                     "train.batch_size=64", "train.lr=0.001", "train.progress=false",
+                                     "train.device=cpu", "augment.cutout=0", f"train.channels_last={cl}"])
+            t = build_trainer(cfg, session)
+            conv = t.model.layer1[0].conv1.weight
+            x, _ = next(iter(t.train_loader))
+            assert conv.is_contiguous(memory_format=torch.channels_last) == (cl == "on")
+            assert x.is_contiguous(memory_format=torch.channels_last) == (cl == "on")
+            rows[cl] = t.run_epochs(2)
+    for a, b in zip(rows["on"], rows["off"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1 / 256 + 1e-9)

@@ -114,6 +114,14 @@ class TrainConfig(_Section):
     # may run on (its affinity), capped by OMP_NUM_THREADS when that is set
     threads: int | None = Field(None, gt=0)
 
+    @field_validator("channels_last", "amp", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        """YAML reads ``on`` / ``off`` (``train.channels_last=on``, ``train.amp=off``) as booleans: back to words."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
+
     def num_threads(self) -> int:
         """``threads``, or its default (see :func:`default_threads`)."""
         return int(self.threads) if self.threads else default_threads()
