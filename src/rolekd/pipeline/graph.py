@@ -80,18 +80,26 @@ def _waiting(needs: dict[str, set[str]]) -> dict[str, int]:
     return {d: len(down(d, set())) for d in needs}
 
 
-def order_ready(ready: Sequence[str], needs: dict[str, set[str]], position: dict[str, int]) -> list[str]:
-    """The ready tasks in the order they start: most tasks waiting for them first, then table order."""
-    waiting = _waiting(needs)
+def order_ready(ready: Sequence[str], waiting: dict[str, int], position: dict[str, int]) -> list[str]:
+    """The ready tasks in the order they start: most tasks waiting for them (:func:`_waiting`) first, then
+    table order."""
     return sorted(ready, key=lambda d: (-waiting[d], position[d]))
 
 
 # ---------------------------------------------------------------------------------------- one run
 def run_task(task: Task, session: Session | None = None) -> dict:
-    """Run (or resume, or report) one task; its ``result.json`` / ``search.json`` content."""
-    if task.kind == "search":
-        return search_from_config(task.config, session=session)
-    return train_from_config(task.config, log_name=task.dir, session=session)
+    """Run (or resume, or report) one task with torch on its ``train.threads`` (as every executor runs it);
+    its ``result.json`` / ``search.json`` content."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(task.config.train.num_threads())
+    try:
+        if task.kind == "search":
+            return search_from_config(task.config, session=session)
+        return train_from_config(task.config, log_name=task.dir, session=session)
+    finally:
+        torch.set_num_threads(old)
 
 
 class _NoTTY:
@@ -132,41 +140,24 @@ def _worker_init(gpus: Any) -> None:
 
 
 def _worker_run(task: Task) -> dict:
-    import torch
-
-    torch.set_num_threads(task.config.train.num_threads())
     return run_task(task, _WORKER_SESSION)
-
-
-def _ray_run(task: Task) -> dict:
-    import torch
-
-    torch.set_num_threads(task.config.train.num_threads())
-    return run_task(task)
 
 
 # ---------------------------------------------------------------------------------------- executors
 class InlineExecutor:
     """One task after another in this process, with one shared Session."""
 
-    name = "inline"
     slots = 1
 
     def __init__(self, session: Session):
         self.session = session
 
     def submit(self, task: Task) -> cf.Future:
-        import torch
-
         fut: cf.Future = cf.Future()
-        old = torch.get_num_threads()
-        torch.set_num_threads(task.config.train.num_threads())  # as a worker would run it
         try:
             fut.set_result(run_task(task, self.session))
         except (UserError, NonFiniteLoss, OSError, RunFailed) as e:
             fut.set_exception(e)
-        finally:
-            torch.set_num_threads(old)
         return fut
 
     def wait(self, futures, timeout=None):
@@ -178,8 +169,6 @@ class InlineExecutor:
 
 class ProcessExecutor:
     """``workers`` spawned worker processes (see the module docstring)."""
-
-    name = "local"
 
     def __init__(self, workers: int, gpus: int = 0):
         ctx = mp.get_context("spawn")
@@ -208,11 +197,9 @@ class ProcessExecutor:
 class RayStageExecutor:
     """Each task a Ray task on ``search.ray_address`` (or a local Ray started here)."""
 
-    name = "ray"
-
     def __init__(self, address: str | None, num_cpus: float, num_gpus: float, slots: int):
         self.ray, self.started = connect_ray(address)
-        self.remote = self.ray.remote(_ray_run).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+        self.remote = self.ray.remote(run_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
         self.slots = slots
         self.refs: dict[Any, cf.Future] = {}
 
@@ -306,6 +293,7 @@ def run_graph(tasks: Sequence[Task], executor, on_done: Callable[[str, dict], No
     that task's failure). The first failure is raised after the tasks in flight finish (those
     waiting for the failed one never start); KeyboardInterrupt stops everything."""
     needs = dependencies(tasks)
+    waiting = _waiting(needs)
     position = {t.dir: i for i, t in enumerate(tasks)}
     by_dir = {t.dir: t for t in tasks}
     results: dict[str, dict] = {}
@@ -318,7 +306,7 @@ def run_graph(tasks: Sequence[Task], executor, on_done: Callable[[str, dict], No
             if not failures:
                 ready = [t.dir for t in tasks if t.dir not in results and t.dir not in started
                          and needs[t.dir] <= set(results)]
-                for d in order_ready(ready, needs, position)[:max(0, executor.slots - len(running))]:
+                for d in order_ready(ready, waiting, position)[:max(0, executor.slots - len(running))]:
                     started[d] = time.time()
                     names = sorted(list(running.values()) + [d], key=position.get)
                     _say(f"start {d} -> {by_dir[d].config.out} ({len(results)}/{total} done; running: "

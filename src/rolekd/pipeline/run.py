@@ -125,10 +125,10 @@ def run_pipeline(config: Config | str | Path | None = None, overrides: list[str]
                  "ray": f"Ray tasks, at most {pl.workers} at once"}[pl.executor]
         threads = f", {pl.threads} thread(s) each" if pl.threads else ""
         print(f"== rolekd run: {len(tasks)} stage runs, {where}{threads}", flush=True)
-        position = {r.dir: i for i, r in enumerate(runs)}
+        searches = {r.dir for r in runs if r.stage.kind == "search"}
 
         def after(d: str, result: dict) -> None:
-            if d in position and runs[position[d]].stage.kind == "search":
+            if d in searches:
                 check_random_controls(runs)  # as soon as a learned schedule exists, before its control starts
         with Session() as session:
             results = run_graph(tasks, make_executor(cfg, pl, session), on_done=after)

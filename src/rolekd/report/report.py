@@ -26,7 +26,6 @@ from scipy import stats
 
 from .. import __version__
 from ..augment.schedule import Schedule
-from ..augment.space import POLICY_LEN
 from ..config import Config, validate_config
 from ..errors import UserError
 from ..experiment import RANDOM_SCHEDULE
@@ -206,7 +205,7 @@ def paper_number(cells: list[dict], epochs: int | None, setting: dict) -> str:
 # ---------------------------------------------------------------------------------------- checks
 def schedule_activity(sched: Schedule) -> tuple[int, int]:
     """(epochs in which some op has probability > 0, epochs) of a schedule."""
-    active = sum(1 for p in sched.policies if any(p[i] > 0 for i in range(0, POLICY_LEN, 2)))
+    active = sum(1 for k in sched.active_slots() if k)
     return active, len(sched)
 
 

@@ -70,7 +70,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def can_compile(device: torch.device, warn: bool = True) -> bool:
+def can_compile(device: torch.device) -> bool:
     """Whether ``torch.compile`` can build kernels for ``device``: on CPU, Inductor needs a C++ compiler; without
     one ``train.compile`` says so in one line and the run trains eagerly (same numerics as without it)."""
     if device.type != "cpu":
@@ -81,10 +81,9 @@ def can_compile(device: torch.device, warn: bool = True) -> bool:
         get_cpp_compiler()
         return True
     except Exception as e:  # no compiler on PATH (or an unusable one)
-        if warn:
-            why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-            print(f"rolekd: train.compile: no C++ compiler for torch.compile on CPU ({why}); training eagerly "
-                  f"(install g++ to compile)", file=sys.stderr, flush=True)
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        print(f"rolekd: train.compile: no C++ compiler for torch.compile on CPU ({why}); training eagerly "
+              f"(install g++ to compile)", file=sys.stderr, flush=True)
         return False
 
 
