@@ -15,8 +15,9 @@
 #   `search-more` = the kernels compiled (bench_fused_step --compile, WRN-40-2 and 4-bit ResNet18), the WRN search
 #   fused with torch.compile (both kernels), Ray with 1/16 GPU per member, Ray fused groups of 4
 #   (Ray is not in the GPU image; without a Ray wheel in .whl those rows come back as errors in search_ray.json).
-# `pipeline` = the multi-GPU-ready row: the gpu-mini pipeline with its stages on pipeline.workers = the visible
-#   GPUs (one stage per GPU at a time; on one GPU the stages run one after another).
+# `pipeline [T1 T2]` = the multi-GPU-ready row: the gpu-mini pipeline with its stages on pipeline.workers = the visible
+#   GPUs (one stage per GPU at a time; on one GPU the stages run one after another), time limit T1 s; on a single GPU
+#   then the same with pipeline.workers=2 sharing it (T2 s). GPU utilisation every 2 s in util.csv.
 # `dry` = on CPU, no GPU needed (tests/test_gpu_session.py runs it): every command of every mode is parsed by its
 #   own argument parser and its rolekd config validated (benchmarks/dry_check.py), nothing trained; then the
 #   `pipeline` row runs for real at micro size on CPU with 2 workers. Exits 1 when any command fails.
@@ -39,17 +40,26 @@ step() {  # step SECONDS NAME COMMAND...: run it (its log in $OUT), or in dry mo
     python3 benchmarks/dry_check.py "$@" || { echo "dry: FAILED $name" >&2; FAILED=1; }
     return 0
   fi
-  echo "== $name"; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?" >> "$OUT/$name.log"; tail -n 12 "$OUT/$name.log"
+  echo "== $name"; local t0=$SECONDS rc; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; rc=$?
+  echo "rc=$rc wall_s=$((SECONDS - t0))" >> "$OUT/$name.log"; tail -n 12 "$OUT/$name.log"
 }
 WRN_SEARCH="--device cuda --data-path .gpu/cifar10_jpeg.npz --model wrn_40_2 --population 16 --epochs 9 --interval 3"
 mode_mini() {
   step "${1:-560}" gpu_mini python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz out=/tmp/gm
   [ $DRY = 1 ] || tar czf $OUT/gpu_mini.tar.gz --exclude=checkpoint --exclude='*.safetensors' --exclude=search_state -C /tmp gm
 }
-mode_pipeline() {
+mode_pipeline() {  # the row, then (one GPU visible) the same pipeline with 2 workers sharing that GPU
   local gpus; gpus=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$gpus" -ge 1 ] || gpus=1
-  step 560 pipeline_workers python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz \
+  [ $DRY = 1 ] || { nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 2 > $OUT/util.csv & }
+  step "${1:-560}" pipeline_workers python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz \
     pipeline.workers=$gpus out=/tmp/gmw
+  [ $DRY = 1 ] || tar czf $OUT/pipeline_workers.tar.gz --exclude=checkpoint --exclude='*.safetensors' \
+    --exclude=search_state -C /tmp gmw
+  [ "$gpus" = 1 ] || return 0
+  step "${2:-240}" pipeline_shared python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz \
+    pipeline.workers=2 out=/tmp/gms
+  [ $DRY = 1 ] || tar czf $OUT/pipeline_shared.tar.gz --exclude=checkpoint --exclude='*.safetensors' \
+    --exclude=search_state -C /tmp gms
 }
 mode_search() {
   step 60 kernels_wrn python3 benchmarks/bench_fused_step.py --device cuda --model wrn_40_2 --members 16 --batch 128 \
@@ -103,6 +113,6 @@ case "${1:-search}" in
   early) mode_early ;;
   bench) mode_bench ;;
   mini) mode_mini 560 ;;
-  pipeline) mode_pipeline ;;
+  pipeline) mode_pipeline "${2:-560}" "${3:-240}" ;;
   *) echo "unknown mode ${1:-}: use search, search-more, early, bench, mini, pipeline or dry" >&2; exit 2 ;;
 esac
