@@ -43,23 +43,27 @@ step() {  # step SECONDS NAME COMMAND...: run it (its log in $OUT), or in dry mo
   echo "== $name"; local t0=$SECONDS rc; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; rc=$?
   echo "rc=$rc wall_s=$((SECONDS - t0))" >> "$OUT/$name.log"; tail -n 12 "$OUT/$name.log"
 }
+pack() {  # pack NAME DIR: /tmp/DIR's run (no weights, checkpoints or search state) as $OUT/NAME.tar.gz
+  [ $DRY = 1 ] || tar czf "$OUT/$1.tar.gz" --exclude=checkpoint --exclude='*.safetensors' --exclude=search_state -C /tmp "$2"
+}
 WRN_SEARCH="--device cuda --data-path .gpu/cifar10_jpeg.npz --model wrn_40_2 --population 16 --epochs 9 --interval 3"
 mode_mini() {
   step "${1:-560}" gpu_mini python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz out=/tmp/gm
-  [ $DRY = 1 ] || tar czf $OUT/gpu_mini.tar.gz --exclude=checkpoint --exclude='*.safetensors' --exclude=search_state -C /tmp gm
+  pack gpu_mini gm
 }
 mode_pipeline() {  # the row, then (one GPU visible) the same pipeline with 2 workers sharing that GPU
   local gpus; gpus=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$gpus" -ge 1 ] || gpus=1
-  [ $DRY = 1 ] || { nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 2 > $OUT/util.csv & }
+  local mon=
+  [ $DRY = 1 ] || { nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 2 > $OUT/util.csv & mon=$!; }
   step "${1:-560}" pipeline_workers python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz \
     pipeline.workers=$gpus out=/tmp/gmw
-  [ $DRY = 1 ] || tar czf $OUT/pipeline_workers.tar.gz --exclude=checkpoint --exclude='*.safetensors' \
-    --exclude=search_state -C /tmp gmw
-  [ "$gpus" = 1 ] || return 0
-  step "${2:-240}" pipeline_shared python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz \
-    pipeline.workers=2 out=/tmp/gms
-  [ $DRY = 1 ] || tar czf $OUT/pipeline_shared.tar.gz --exclude=checkpoint --exclude='*.safetensors' \
-    --exclude=search_state -C /tmp gms
+  pack pipeline_workers gmw
+  if [ "$gpus" = 1 ]; then
+    step "${2:-240}" pipeline_shared python3 -m rolekd.cli run configs/gpu-mini.yaml data.path=.gpu/cifar10_jpeg.npz \
+      pipeline.workers=2 out=/tmp/gms
+    pack pipeline_shared gms
+  fi
+  [ -z "$mon" ] || kill "$mon"
 }
 mode_search() {
   step 60 kernels_wrn python3 benchmarks/bench_fused_step.py --device cuda --model wrn_40_2 --members 16 --batch 128 \
