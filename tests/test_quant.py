@@ -167,6 +167,31 @@ def test_one_bit_weight_gradient_is_identity():
     assert torch.equal(w.grad, g)
 
 
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_activation_quantizer_without_gradients_is_the_same_function(k):
+    """Evaluation (no_grad) takes a graph-free path without the gradient mask: the same levels, bit for bit."""
+    rng = np.random.default_rng(40 + k)
+    x = torch.from_numpy(rng.uniform(-0.5, 1.5, size=(6, 5, 4, 3)).astype(np.float32))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast = quantize_activation(x, k)
+    slow = quantize_activation(x.clone().requires_grad_(True), k)
+    assert slow.requires_grad and not fast.requires_grad
+    assert torch.equal(fast, slow.detach())
+    n = np.float32(2 ** k - 1)  # the formula in float32 arithmetic (numpy's, IEEE as torch's)
+    np.testing.assert_array_equal(fast.numpy(), np.round(np.clip(x.numpy(), 0, 1) * n) / n)
+
+
+def test_activation_gradient_of_a_channels_last_map_is_the_clip_mask():
+    """The mask is made straight into the input's layout (a channels-last map, as the CPU workers train)."""
+    x = torch.rand(4, 8, 5, 5) * 1.6 - 0.3
+    x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # the bounds pass the gradient
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    g = torch.randn(4, 8, 5, 5)
+    (quantize_activation(x, 4) * g).sum().backward()
+    assert torch.equal(x.grad, g * ((x.detach() >= 0) & (x.detach() <= 1)))
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_activation_gradient_passes_inside_clip_only(k):
     rng = np.random.default_rng(30 + k)
