@@ -273,3 +273,33 @@ def test_register_model_decorator():
     finally:
         registry._MODELS.remove(name)
     assert re.fullmatch(r"[a-z0-9_<>]+", "".join(list_models()))
+
+
+_META_PROBE = r"""
+import json, sys
+import torch
+from rolekd.models import create, on_meta
+shapes = {}
+for name in ("resnet_tiny", "resnet18", "alexnet", "wrn_16_2", "preresnet20", "pyramidnet_20_48"):
+    with on_meta():
+        m = create(name)
+    shapes[name] = {k: [list(v.shape), v.device.type] for k, v in m.state_dict().items()}
+print(json.dumps({"dynamo": "torch._dynamo" in sys.modules, "shapes": shapes}))
+"""
+
+
+def test_on_meta_builds_every_family_shapes_only_without_importing_the_compiler():
+    """Configs are checked by building their model on the meta device; the random initialisers are skipped
+    there (their meta kernels import torch._dynamo, ~1.7 s at every command's start)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _META_PROBE], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["dynamo"] is False
+    for name, shapes in got["shapes"].items():
+        ref = create(name).state_dict()
+        assert set(shapes) == set(ref), name
+        for k, (shape, device) in shapes.items():
+            assert device == "meta" and shape == list(ref[k].shape), (name, k)

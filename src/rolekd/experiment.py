@@ -44,7 +44,7 @@ from .distill import KDObjective, build_kd_objective, distiller_class
 from .errors import UserError
 from .files import (LOCK_NAME, RunLock, atomic_write, check_weights, dump_json, load_weights, read_summary,
                     read_weights, save_weights)
-from .models import create
+from .models import create, on_meta
 from .quant import quantize_model
 from .search import Search, finished_search, member_config, search_config
 from .search.grouped import check_grouped
@@ -410,7 +410,7 @@ def check_config(cfg: Config, session: Session | None = None, files: bool = True
         bundle = build_data(cfg, session)
         data_splits(cfg, bundle)
         num_classes = bundle.num_classes
-    with torch.device("meta"):
+    with on_meta():
         build_model(cfg, num_classes)
         if cfg.kd.method:
             distiller_class(cfg.kd.method).from_config(cfg.kd)

@@ -26,6 +26,7 @@ from torch import nn
 from ..config import Config
 from ..errors import UserError
 from ..experiment import build_model
+from ..models import on_meta
 from ..quant import FULL_PRECISION, QConv2d, QLinear, full_precision_layers
 
 _FLOAT_BYTES = 4
@@ -68,7 +69,7 @@ def model_size(model: nn.Module) -> dict:
 def config_size(cfg: Config, num_classes: int) -> dict:
     """:func:`model_size` of the model a run of ``cfg`` trains (built on the meta device: no memory, no
     weights), with its model name and bits."""
-    with torch.device("meta"):
+    with on_meta():
         model = build_model(cfg, num_classes)
     return {"model": cfg.model.name, "w_bits": cfg.quant.w_bits, "a_bits": cfg.quant.a_bits,
             **model_size(model)}
@@ -77,7 +78,7 @@ def config_size(cfg: Config, num_classes: int) -> dict:
 def num_classes_of(cfg: Config, weights: str | Path) -> int:
     """The number of classes of the model in ``weights`` (a run's ``model.safetensors``): the output width
     of its last linear layer, read from the file's header only."""
-    with torch.device("meta"):
+    with on_meta():
         probe = build_model(cfg, 1, quantize=False)
     _, last = full_precision_layers(probe)
     if last is None:

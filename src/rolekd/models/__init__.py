@@ -11,7 +11,7 @@ Every model declares ``kd_taps`` / ``kd_embedding`` (see :mod:`rolekd.models.tap
 :class:`FeatureTaps` to read features, embedding and logits in one forward pass.
 """
 
-from rolekd.models.registry import create, list_models, register_family, register_model
+from rolekd.models.registry import create, list_models, on_meta, register_family, register_model
 from rolekd.models.taps import FeatureTaps, Outputs, TappedNet
 
 # Importing the families registers them.
@@ -21,4 +21,4 @@ from rolekd.models import pyramidnet as _pyramidnet  # noqa: E402,F401
 from rolekd.models import resnet as _resnet  # noqa: E402,F401
 from rolekd.models import wrn as _wrn  # noqa: E402,F401
 
-__all__ = ["create", "list_models", "register_model", "register_family", "FeatureTaps", "Outputs", "TappedNet"]
+__all__ = ["create", "list_models", "on_meta", "register_model", "register_family", "FeatureTaps", "Outputs", "TappedNet"]

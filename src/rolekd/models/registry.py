@@ -15,13 +15,16 @@ and ``ResNet18`` work). Unknown names, impossible depths and unknown keyword arg
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from rolekd.errors import UserError
 from rolekd.registry import Registry
@@ -116,3 +119,25 @@ def create(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     patterns = ", ".join(sorted(fam.pattern for fam in _FAMILIES))
     raise UserError(f"unknown model {name!r}; {hint}exact names: {', '.join(sorted(_MODELS))}; "
                     f"patterns: {patterns}; see rolekd.models.list_models()")
+
+
+class _NoMetaInit(TorchFunctionMode):
+    """Random initialisers on meta tensors return them unchanged: a meta tensor has no values to fill, and
+    the initialisers' meta kernels (torch._refs) import torch._dynamo on first use (~1.7 s at every
+    ``rolekd`` command's first model check)."""
+
+    _OPS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.random_, torch.Tensor.exponential_,
+            torch.Tensor.bernoulli_, torch.Tensor.log_normal_, torch.Tensor.geometric_, torch.Tensor.cauchy_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._OPS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Build modules on the meta device (shapes only: no memory, no weights), without running their random
+    initialisers."""
+    with torch.device("meta"), _NoMetaInit():
+        yield
