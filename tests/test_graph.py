@@ -141,3 +141,76 @@ def test_workers_default_to_one_per_cpu_with_one_thread_each(tmp_path, monkeypat
     assert plan(load_config(None, CFG + ["train.device=cpu", "train.threads=2"]), 16)[:3] == ("local", 2, 2)
     assert plan(load_config(None, CFG + ["train.device=cpu", "pipeline.workers=1"]), 16)[:3] == ("inline", 1, 4)
     assert plan(load_config(None, CFG + ["train.device=cpu", "pipeline.executor=ray"]), 16)[:3] == ("ray", 4, 1)
+
+
+class Timed:
+    """An executor on a simulated clock: each run takes ``seconds(task)``; runs finish in time order."""
+
+    def __init__(self, slots, seconds):
+        self.slots, self.seconds, self.now = slots, seconds, 0.0
+        self.running: dict[cf.Future, tuple[float, Task]] = {}
+        self.starts: list[tuple[float, str]] = []
+
+    def submit(self, task):
+        fut = cf.Future()
+        self.running[fut] = (self.now + self.seconds(task), task)
+        self.starts.append((self.now, task.dir))
+        return fut
+
+    def wait(self, futures, timeout=None):
+        fut = min(self.running, key=lambda f: self.running[f][0])
+        self.now, _ = self.running.pop(fut)
+        fut.set_result({})
+        return {fut}, set(futures) - {fut}
+
+    def close(self, cancel=False):
+        pass
+
+
+def _quickstart_seconds(task):
+    """The quickstart's stage walls on 2 one-thread workers (benchmarks/RESULTS.md, issue 21, session 8)."""
+    cfg = task.config
+    if task.kind == "search":
+        return 68.0 if cfg.kd.method else 32.0
+    if cfg.kd.method:
+        return 46.0
+    return 19.0 if cfg.quant.w_bits < 32 else 15.5
+
+
+def test_equally_urgent_stages_start_longest_first(tmp_path):
+    from rolekd.pipeline.graph import work_estimate
+
+    ts = {t.dir: t for t in tasks(tmp_path, "pipeline.baselines=[vanilla_teacher,vanilla_student,only_kd,"
+                                            "student_teacher_schedule]")}
+    # a 4-bit II-KD student (clipped: two backward passes) > a 4-bit student > the fp32 teacher, per epoch
+    assert work_estimate(ts["only_kd_seed1"]) > work_estimate(ts["vanilla_student_seed1"]) \
+        > work_estimate(ts["vanilla_teacher_seed1"])
+    ex = Timed(2, _quickstart_seconds)
+    run_graph(list(ts.values()), ex)
+    order = [d for _, d in ex.starts]
+    # the critical path still comes first; among the runs nothing waits for, the 4-bit baselines before the
+    # fp32 ones, and the fp32 teacher of seed 1 (ready from the start, the least work) after every KD student,
+    # so that short runs fill the last minutes
+    assert order[0] == "alpha_search"
+    assert max(order.index("vanilla_student"), order.index("vanilla_student_seed1")) < order.index("vanilla_teacher")
+    kd = [d for d, t in ts.items() if t.kind == "train" and t.config.kd.method]
+    assert len(kd) == 6 and max(order.index(d) for d in kd) < order.index("vanilla_teacher_seed1")
+    # on the quickstart's stage times both workers stay busy to within 5 s of the end (starting runs in
+    # table order left one worker idle for the last ~25 s)
+    total = sum(_quickstart_seconds(t) for t in ts.values())
+    assert ex.now <= total / 2 + 5, (ex.now, total / 2)
+
+
+def test_on_last_runs_once_when_only_the_last_runs_are_in_flight_and_a_slot_is_free(tmp_path):
+    ts = tasks(tmp_path)
+    ex = Timed(2, _quickstart_seconds)
+    calls = []
+    run_graph(ts, ex, on_last=lambda: calls.append((ex.now, len(ex.starts), len(ex.running))))
+    assert len(calls) == 1
+    now, started, in_flight = calls[0]
+    assert started == len(ts) and in_flight == 1  # everything started, one worker idle
+    assert now < ex.now  # before the last run finished (the report's imports overlap it)
+    one = Timed(1, _quickstart_seconds)  # one slot: never idle while runs are left
+    seen = []
+    run_graph(ts, one, on_last=lambda: seen.append(1))
+    assert seen == []

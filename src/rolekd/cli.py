@@ -33,6 +33,7 @@ from .experiment import search_from_config, train_from_config
 from .export import describe, export_run
 from .models import list_models
 from .pipeline import run_pipeline
+from .runtime import keep_freed_memory
 from .pipeline.run import pipeline_config
 from .train import NonFiniteLoss
 from .report import build_report
@@ -46,6 +47,7 @@ def _config(args, extra: list[str] | None = None):
 @contextlib.contextmanager
 def _threads(cfg: Config):
     """torch's CPU threads = ``train.threads`` (or its default) while a command runs."""
+    keep_freed_memory()
     old = torch.get_num_threads()
     torch.set_num_threads(cfg.train.num_threads())
     try:

@@ -15,7 +15,8 @@ the teacher exists, only-KD, KD + A_T, the vanilla baselines and every seed of e
 Each run is an ordinary resumable run in its own locked directory, so the workers change nothing in
 what a run computes (given its threads): a rerun resumes whatever was interrupted. Among the runs that
 are ready, those that more runs wait for start first (the critical path: search, teacher, search,
-student). When a run fails, no new run starts, the runs in flight finish, and the first failure is
+student), then those with the most work (:func:`work_estimate`: a long run started last would keep one
+worker busy alone at the end). When a run fails, no new run starts, the runs in flight finish, and the first failure is
 raised; an interrupt stops every worker.
 """
 
@@ -34,8 +35,10 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 from ..config import Config, available_cpus, derive
+from ..distill import distiller_class
 from ..errors import RunFailed, UserError
 from ..experiment import Session, search_from_config, train_from_config
+from ..runtime import keep_freed_memory, worker_environment
 from ..search.ray_executor import connect_ray
 from ..train import NonFiniteLoss, resolve_device
 
@@ -80,10 +83,31 @@ def _waiting(needs: dict[str, set[str]]) -> dict[str, int]:
     return {d: len(down(d, set())) for d in needs}
 
 
-def order_ready(ready: Sequence[str], waiting: dict[str, int], position: dict[str, int]) -> list[str]:
+def work_estimate(task: Task) -> float:
+    """A coarse estimate of a run's cost, to start the longest of equally urgent runs first (so that short
+    runs fill the workers' last minutes instead of one long run keeping a worker busy alone at the end):
+    for a training run, its epochs times a step's cost relative to a full-precision step (x1.3 for low-bit
+    weights or activations; KD from a frozen teacher x1.5, x2.4 where the KD gradient is clipped (two
+    backward passes), x2 more where the teacher trains too), measured on CPU (benchmarks/RESULTS.md,
+    issue 21). A search counts as more than any training run (it holds up the stages that train with
+    its schedule)."""
+    cfg = task.config
+    if task.kind == "search":
+        return float("inf")
+    step = 1.3 if min(cfg.quant.w_bits, cfg.quant.a_bits) < 32 else 1.0
+    if cfg.kd.method:
+        cls = distiller_class(cfg.kd.method)
+        clipped = cls.clip_kd_grad if cfg.kd.clip is None else cfg.kd.clip
+        step *= (2.4 if clipped else 1.5) * (2.0 if cls.trains_teacher else 1.0)
+    return cfg.train.epochs * step
+
+
+def order_ready(ready: Sequence[str], waiting: dict[str, int], position: dict[str, int],
+                work: dict[str, float] | None = None) -> list[str]:
     """The ready tasks in the order they start: most tasks waiting for them (:func:`_waiting`) first, then
-    table order."""
-    return sorted(ready, key=lambda d: (-waiting[d], position[d]))
+    the most work (:func:`work_estimate`), then table order."""
+    work = work or {}
+    return sorted(ready, key=lambda d: (-waiting[d], -work.get(d, 0.0), position[d]))
 
 
 # ---------------------------------------------------------------------------------------- one run
@@ -92,6 +116,7 @@ def run_task(task: Task, session: Session | None = None) -> dict:
     its ``result.json`` / ``search.json`` content."""
     import torch
 
+    keep_freed_memory()
     old = torch.get_num_threads()
     torch.set_num_threads(task.config.train.num_threads())
     try:
@@ -178,6 +203,12 @@ class ProcessExecutor:
             for i in range(workers):
                 queue.put(i % gpus)
         self.slots = workers
+        # the workers start with glibc's huge-page tunable (rolekd.runtime); they are spawned as tasks are
+        # submitted and take this process's environment then, so it holds until close()
+        self._tunables = os.environ.get("GLIBC_TUNABLES")
+        tuned = worker_environment().get("GLIBC_TUNABLES")
+        if tuned is not None:
+            os.environ["GLIBC_TUNABLES"] = tuned
         self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                            initargs=(queue,))
 
@@ -192,6 +223,10 @@ class ProcessExecutor:
             for p in list(getattr(self.pool, "_processes", {}).values()):
                 p.kill()  # an interrupt: stop the runs in flight now (each resumes on rerun)
         self.pool.shutdown(wait=True, cancel_futures=cancel)
+        if self._tunables is None:
+            os.environ.pop("GLIBC_TUNABLES", None)
+        else:
+            os.environ["GLIBC_TUNABLES"] = self._tunables
 
 
 class RayStageExecutor:
@@ -287,14 +322,18 @@ def _say(msg: str) -> None:
     print(f"== rolekd run: {msg}", flush=True)
 
 
-def run_graph(tasks: Sequence[Task], executor, on_done: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+def run_graph(tasks: Sequence[Task], executor, on_done: Callable[[str, dict], None] | None = None,
+              on_last: Callable[[], None] | None = None) -> dict[str, dict]:
     """Run every task once what it needs has finished, at most ``executor.slots`` at a time; returns
     {dir: result} in task order. ``on_done(dir, result)`` runs after each task (a UserError there counts as
-    that task's failure). The first failure is raised after the tasks in flight finish (those
-    waiting for the failed one never start); KeyboardInterrupt stops everything."""
+    that task's failure); ``on_last()`` once, when the last tasks are in flight and a slot is free (this
+    process would only wait: e.g. get ready for what follows the graph). The first failure is raised after
+    the tasks in flight finish (those waiting for the failed one never start); KeyboardInterrupt stops
+    everything."""
     needs = dependencies(tasks)
     waiting = _waiting(needs)
     position = {t.dir: i for i, t in enumerate(tasks)}
+    work = {t.dir: work_estimate(t) for t in tasks}
     by_dir = {t.dir: t for t in tasks}
     results: dict[str, dict] = {}
     running: dict[cf.Future, str] = {}
@@ -306,7 +345,7 @@ def run_graph(tasks: Sequence[Task], executor, on_done: Callable[[str, dict], No
             if not failures:
                 ready = [t.dir for t in tasks if t.dir not in results and t.dir not in started
                          and needs[t.dir] <= set(results)]
-                for d in order_ready(ready, waiting, position)[:max(0, executor.slots - len(running))]:
+                for d in order_ready(ready, waiting, position, work)[:max(0, executor.slots - len(running))]:
                     started[d] = time.time()
                     names = sorted(list(running.values()) + [d], key=position.get)
                     _say(f"start {d} -> {by_dir[d].config.out} ({len(results)}/{total} done; running: "
@@ -314,6 +353,10 @@ def run_graph(tasks: Sequence[Task], executor, on_done: Callable[[str, dict], No
                     running[executor.submit(by_dir[d])] = d
             if not running:
                 break
+            if (on_last is not None and not failures and len(running) < executor.slots
+                    and len(results) + len(running) == total):
+                on_last()
+                on_last = None
             done, _ = executor.wait(list(running))
             for fut in done:
                 d = running.pop(fut)

@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..experiment import Session, check_config, check_run_dir, load_schedule, prepare_run_dir
 from ..files import RunLock, atomic_write
 from ..provenance import record_code
-from ..report import build_report
+from ..report import build_report, warm_up_report
 from ..stage_config import stage_config
 from ..stages import STAGES, Stage, schedule_path, stage_dir
 from .graph import Task, make_executor, plan, run_graph, with_threads
@@ -131,7 +131,7 @@ def run_pipeline(config: Config | str | Path | None = None, overrides: list[str]
             if d in searches:
                 check_random_controls(runs)  # as soon as a learned schedule exists, before its control starts
         with Session() as session:
-            results = run_graph(tasks, make_executor(cfg, pl, session), on_done=after)
+            results = run_graph(tasks, make_executor(cfg, pl, session), on_done=after, on_last=warm_up_report)
         atomic_write(root / "results.json", json.dumps(results, indent=2, default=str))
         report = build_report(root)
     print(f"report: {report}")

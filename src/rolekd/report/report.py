@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy
 import torch
 import yaml
-from scipy import stats
 
 from .. import __version__
 from ..augment.schedule import Schedule
@@ -125,9 +124,27 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _student_t():
+    """scipy's Student t, imported when a report needs it (scipy.stats takes ~0.6 s to import, and every
+    pipeline worker process imports this module's package)."""
+    from scipy import stats
+
+    return stats.t
+
+
+def warm_up_report() -> None:
+    """Import what :func:`build_report` needs beyond this module (scipy's t distribution, matplotlib's
+    figure and Agg canvas: ~1.7 s), e.g. while the pipeline's last stage runs and a CPU is free."""
+    _student_t()
+    from matplotlib import colormaps  # noqa: F401
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
+    from matplotlib.ticker import MaxNLocator  # noqa: F401
+
+
 def t95(df: int) -> float:
     """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom."""
-    return float(stats.t.ppf(0.975, df))
+    return float(_student_t().ppf(0.975, df))
 
 
 def paired(a: list[float | None], b: list[float | None]) -> dict | None:
@@ -153,7 +170,7 @@ def paired(a: list[float | None], b: list[float | None]) -> dict | None:
         t = mean / (sd / math.sqrt(n))
         half = crit * sd / math.sqrt(n)
         ci = (mean - half, mean + half)
-        p = float(2 * stats.t.sf(abs(t), n - 1))
+        p = float(2 * _student_t().sf(abs(t), n - 1))
     if mean == 0 and sd == 0:
         verdict = "identical in every seed"
     elif sd == 0:
