@@ -5,6 +5,9 @@ format and process count — what ``pipeline.workers`` and ``train.channels_last
     python benchmarks/bench_cpu_step.py --threads 1 --processes 2 --formats cl   # 2 processes at once
     python benchmarks/bench_cpu_step.py --bf16                # also bf16 autocast (changes numerics)
     python benchmarks/bench_cpu_step.py --threads 1 --formats cl --compile   # also torch.compile (warm-up printed)
+    PYTHONPATH=OLD_CHECKOUT/src python benchmarks/bench_cpu_step.py ...      # an older commit's step
+
+Like a rolekd training process, it keeps freed memory in the process (rolekd.runtime) where the code has it.
 
 Each row is the median step of ``--rounds`` interleaved rounds (every round times one step of each row)
 after warm-up; with ``--processes N`` N copies run at once and their img/s are added (the machine's
@@ -65,6 +68,11 @@ def make(kind: str, cl: bool, bf16: bool, compile_: bool = False):
 
 def measure(threads: int, kinds, formats, bf16s, rounds: int, compiles=(False,)) -> dict:
     torch.set_num_threads(threads)
+    try:  # as a rolekd training process does (rolekd.runtime); older checkouts have no such module
+        from rolekd.runtime import keep_freed_memory
+        keep_freed_memory()
+    except ImportError:
+        pass
     rows = {(k, f, b, c): (make(k, f == "cl", b, c), []) for k in kinds for f in formats for b in bf16s
             for c in compiles}
     for (k, f, b, c), (step, _) in rows.items():
