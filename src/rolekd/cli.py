@@ -33,10 +33,10 @@ from .experiment import search_from_config, train_from_config
 from .export import describe, export_run
 from .models import list_models
 from .pipeline import run_pipeline
-from .runtime import keep_freed_memory
 from .pipeline.run import pipeline_config
 from .train import NonFiniteLoss
 from .report import build_report
+from .runtime import keep_freed_memory
 from .schedule_cli import register as register_schedule_commands
 
 

@@ -2,8 +2,8 @@
 
 :func:`keep_freed_memory`: glibc's ``malloc`` hands large blocks (a batch's activations, several MB each)
 back to the kernel when they are freed and maps them again at the next step, so every step of a CPU
-training run pays thousands of page faults and the kernel's zeroing of the pages (measured: ~2,000-10,000
-minor faults per 4-bit II-KD step of resnet_tiny, 1-20 ms of system time per 250 ms step, more with two
+training run pays thousands of page faults and the kernel's zeroing of the pages (measured: 1,100-10,600
+minor faults per 4-bit II-KD step of resnet_tiny, 3-20 ms of system time per 240 ms step, more with two
 worker processes side by side). Keeping freed memory in the process (no trimming, mmap only above 32 MB)
 removes them; numerics are untouched. ``rolekd`` commands and pipeline workers call it before training.
 

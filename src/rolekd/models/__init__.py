@@ -21,4 +21,5 @@ from rolekd.models import pyramidnet as _pyramidnet  # noqa: E402,F401
 from rolekd.models import resnet as _resnet  # noqa: E402,F401
 from rolekd.models import wrn as _wrn  # noqa: E402,F401
 
-__all__ = ["create", "list_models", "on_meta", "register_model", "register_family", "FeatureTaps", "Outputs", "TappedNet"]
+__all__ = ["create", "list_models", "on_meta", "register_model", "register_family", "FeatureTaps", "Outputs",
+           "TappedNet"]

@@ -16,8 +16,8 @@ Each run is an ordinary resumable run in its own locked directory, so the worker
 what a run computes (given its threads): a rerun resumes whatever was interrupted. Among the runs that
 are ready, those that more runs wait for start first (the critical path: search, teacher, search,
 student), then those with the most work (:func:`work_estimate`: a long run started last would keep one
-worker busy alone at the end). When a run fails, no new run starts, the runs in flight finish, and the first failure is
-raised; an interrupt stops every worker.
+worker busy alone at the end). When a run fails, no new run starts, the runs in flight finish, and the
+first failure is raised; an interrupt stops every worker.
 """
 
 from __future__ import annotations

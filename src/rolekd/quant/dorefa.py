@@ -118,7 +118,7 @@ class _ActQuant(torch.autograd.Function):
         else:  # one pass straight into a float mask (a bool mask converted after costs two more)
             inside = torch.empty_like(x)
             torch.eq(c, x, out=inside)
-        return c.mul_(n).round_().div_(n), inside
+        return _round_levels_(c, n), inside
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -133,9 +133,14 @@ class _ActQuant(torch.autograd.Function):
         return g * inside, None
 
 
+def _round_levels_(c: torch.Tensor, n: float) -> torch.Tensor:
+    """``round(n c) / n`` in place, for ``c`` already clipped to [0, 1]."""
+    return c.mul_(n).round_().div_(n)
+
+
 def _quantize_levels(x: torch.Tensor, n: float) -> torch.Tensor:
     """``round(n clip(x, 0, 1)) / n`` without a graph (the forward of :class:`_ActQuant`)."""
-    return torch.clamp(x, 0.0, 1.0).mul_(n).round_().div_(n)
+    return _round_levels_(torch.clamp(x, 0.0, 1.0), n)
 
 
 def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
