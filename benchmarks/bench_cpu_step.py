@@ -43,8 +43,10 @@ def make(kind: str, cl: bool, bf16: bool, compile_: bool = False):
         model, obj = create("resnet_tiny"), CrossEntropy()
     else:
         model = quantize_model(create("resnet_tiny"), 4, 4)
+        # iikd_fold: the teacher's forward on its BatchNorm-folded copy (kd.fold_teacher_bn, the default of
+        # rolekd's runs); iikd: the teacher as trained
         obj = build_kd_objective(distiller_class("iikd").from_config(KDConfig(method="iikd")), teacher, lam=0.4,
-                                 probe=x[:2])
+                                 probe=x[:2], **({"fold_teacher_bn": True} if kind == "iikd_fold" else {}))
         obj.prepare([x[:64], x[64:]])
     if cl:
         model, teacher = model.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
@@ -98,7 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--processes", type=int, default=1)
-    ap.add_argument("--kinds", nargs="+", default=["fp32", "iikd"], choices=["fp32", "iikd"])
+    ap.add_argument("--kinds", nargs="+", default=["fp32", "iikd"], choices=["fp32", "iikd", "iikd_fold"])
     ap.add_argument("--formats", nargs="+", default=["nchw", "cl"], choices=["nchw", "cl"])
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
     ap.add_argument("--compile", action="store_true", help="also time the model under torch.compile (Inductor)")

@@ -197,6 +197,9 @@ class KDConfig(_Section):
     clip_lam: Literal["paper", "authors"] = "paper"  # clipped gradient of λ·KD (paper) or of KD, λ unused (authors)
     prepare_epochs: int = Field(1, ge=0)  # MHGD: epochs to train its attention network on the teacher
     init_from_teacher: bool = True  # a same-architecture student starts from the teacher's weights
+    # the frozen teacher's forward on a copy with its BatchNorm folded into the convolutions: the same outputs
+    # up to float rounding, faster; false = the teacher as trained, bit for bit
+    fold_teacher_bn: bool = True
     options: dict[str, Any] = Field(default_factory=dict)  # the method's own options, checked by the method
 
 

@@ -327,7 +327,7 @@ def build_objective(cfg: Config, bundle: DataBundle, train_loader: DeviceLoader,
     objective = build_kd_objective(cls.from_config(kd), teacher, lam=kd.lam, lam_decay=kd.lam_decay,
                                    lam_decay_every=kd.lam_decay_every, lam_milestones=kd.lam_milestones,
                                    lam_gamma=kd.lam_gamma, clip=kd.clip, clip_e0=kd.clip_e0,
-                                   clip_lam=kd.clip_lam, probe=probe)
+                                   clip_lam=kd.clip_lam, probe=probe, fold_teacher_bn=kd.fold_teacher_bn)
     if objective.needs_prepare:
         # it depends only on the teacher, the method and the data (its own fixed shuffling seed), so it is
         # prepared once per session and shared, e.g. by all search members

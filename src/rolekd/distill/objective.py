@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..models.fold import fold_batchnorm
 from ..models.taps import FeatureTaps, Outputs
 from ..train.objective import Objective
 from ..train.trainer import param_groups
@@ -78,7 +79,7 @@ class KDObjective(Objective):
     def __init__(self, teacher: nn.Module, distiller: Distiller, lam: float = 0.4, lam_decay: float = 0.5,
                  lam_decay_every: int = 60, lam_milestones: Sequence[float] | None = None, lam_gamma: float = 0.6,
                  clip_kd_grad: bool | None = None, clip_e0: float = 0.0, clip_lam: str = "paper",
-                 probe: torch.Tensor | None = None):
+                 probe: torch.Tensor | None = None, fold_teacher_bn: bool = False):
         if not isinstance(distiller, Distiller):
             raise TypeError(f"distiller must be a rolekd Distiller, got {type(distiller).__name__}")
         if clip_lam not in CLIP_LAM:
@@ -107,8 +108,11 @@ class KDObjective(Objective):
         self._epochs: int | None = None
         self._s_taps: FeatureTaps | None = None
         self._s_taps_model: nn.Module | None = None
-        self._t_taps = (FeatureTaps(teacher, features=distiller.needs_features, embedding=distiller.needs_embedding)
-                        if self._uses_taps else None)
+        # the teacher's forward may run on a copy with its BatchNorm folded into the convolutions
+        # (rolekd.models.fold; rounding-level differences), made at the first forward after setup
+        self.fold_teacher_bn = bool(fold_teacher_bn) and not distiller.trains_teacher
+        self._t_net: nn.Module | None = None
+        self._t_taps: FeatureTaps | None = None
         self._set_teacher_mode()
 
     # ------------------------------------------------------------------ configuration
@@ -133,6 +137,7 @@ class KDObjective(Objective):
 
     # ------------------------------------------------------------------ trainer hooks
     def setup(self, model: nn.Module, device: torch.device) -> None:
+        self._drop_teacher_net()
         self.teacher.to(device)
         self.distiller.to(device)
         self._set_teacher_mode()
@@ -200,11 +205,26 @@ class KDObjective(Objective):
             return self._student_taps(model)(images)
         return Outputs(model(images))
 
+    def _teacher_net(self) -> nn.Module:
+        """The network the teacher's forward runs: the teacher, or its BatchNorm-folded copy (made once)."""
+        if self._t_net is None:
+            self._t_net = fold_batchnorm(self.teacher) if self.fold_teacher_bn else self.teacher
+            if self._uses_taps:
+                self._t_taps = FeatureTaps(self._t_net, features=self.distiller.needs_features,
+                                           embedding=self.distiller.needs_embedding)
+        return self._t_net
+
+    def _drop_teacher_net(self) -> None:
+        if self._t_taps is not None:
+            self._t_taps.remove()
+        self._t_net = self._t_taps = None
+
     def forward_teacher(self, images: torch.Tensor) -> Outputs:
         """The frozen teacher's outputs (with the taps the distiller reads); the caller sets no_grad/autocast."""
+        net = self._teacher_net()
         if self._t_taps is not None:
             return self._t_taps(images)
-        return Outputs(self.teacher(images))
+        return Outputs(net(images))
 
     def _teacher_outputs(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ctx,
                          lam: float) -> tuple[Outputs, Outputs]:
@@ -274,10 +294,10 @@ class KDObjective(Objective):
 
     def close(self) -> None:
         """Remove the feature hooks this objective registered."""
-        for taps in (self._s_taps, self._t_taps):
-            if taps is not None:
-                taps.remove()
+        if self._s_taps is not None:
+            self._s_taps.remove()
         self._s_taps = self._s_taps_model = None
+        self._drop_teacher_net()
 
 
 class MutualKDObjective(KDObjective):
@@ -399,7 +419,7 @@ def _accumulate(p: nn.Parameter, g: torch.Tensor | None) -> None:
 
 
 _OBJECTIVE_KEYS = {"lam", "lam_decay", "lam_decay_every", "lam_milestones", "lam_gamma", "clip_kd_grad", "clip_e0",
-                   "clip_lam", "probe"}
+                   "clip_lam", "probe", "fold_teacher_bn"}
 
 
 def build_kd_objective(method: str | Distiller, teacher: nn.Module, **kwargs) -> KDObjective:
@@ -407,7 +427,8 @@ def build_kd_objective(method: str | Distiller, teacher: nn.Module, **kwargs) ->
     options (``lam``, ``lam_decay``, ``lam_decay_every``, ``lam_milestones``, ``lam_gamma``,
     ``clip_kd_grad`` (alias ``clip``; ``None``, the default, = the method's own declaration),
     ``clip_e0``, ``clip_lam`` (``"paper"``: clip the gradient of λ·KD; ``"authors"``: of KD, λ unused),
-    ``probe`` (a batch of inputs; builds a channel adapter in ``setup`` when tap widths differ);
+    ``probe`` (a batch of inputs; builds a channel adapter in ``setup`` when tap widths differ),
+    ``fold_teacher_bn`` (the frozen teacher's forward on a BatchNorm-folded copy: rounding-level differences);
     ``teacher_optimizer`` for a method that trains the teacher) go to the objective, the rest to the
     distiller (e.g. ``T`` for soft). A method that trains the teacher (DML) gets a
     :class:`MutualKDObjective`."""
