@@ -228,6 +228,13 @@ class SearchConfig(_Section):
     # side of the base Cutout square in search members; None = augment.cutout (the authors' searches ran
     # without Cutout: search.cutout=0)
     cutout: int | None = Field(None, ge=0)
+    # settings for small budgets (issue 31, benchmarks/evidence/SEARCH.md; the defaults are PBA's): rank members
+    # and pick the final one by the mean of their last reward_window round rewards (an exploited member
+    # inherits its clone's); each member's first policy (zero: PBA's all-zero; random: each int uniform over
+    # its range, seeded by search.seed); no exploit before burn_in epochs
+    reward_window: int = Field(1, ge=1)
+    init: Literal["zero", "random"] = "zero"
+    burn_in: int = Field(0, ge=0)
 
 
 class RoleConfig(_Section):

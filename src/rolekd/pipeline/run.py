@@ -88,6 +88,23 @@ def check_random_controls(runs: list[StageRun]) -> None:
                 raise UserError(f"pipeline stage {r.dir}: {e}") from None
 
 
+def stretch_warnings(runs: list[StageRun]) -> list[str]:
+    """One line per search whose schedule is stretched onto more retraining epochs than it searched (PBA
+    searches as many epochs as it retrains; the first evidence study's 4x stretch learned nothing)."""
+    out = []
+    for r in runs:
+        if r.stage.kind != "search":
+            continue
+        users = [u for u in runs if u.stage.schedule == r.stage.name and u.stage.kind == "train"]
+        epochs = max((u.config.train.epochs for u in users), default=0)
+        searched = r.config.search.epochs
+        if epochs > searched:
+            out.append(f"{r.dir} searches {searched} epochs and its schedule is stretched x{epochs / searched:.3g} "
+                       f"onto {epochs} retraining epochs; PBA searches as many epochs as it retrains "
+                       f"(search.epochs={epochs}; benchmarks/evidence/SEARCH.md)")
+    return out
+
+
 def stage_configs(cfg: Config, root: Path | None = None) -> dict[str, Config]:
     """The config of every run the pipeline makes, by run directory name, in order."""
     return {r.dir: r.config for r in stage_runs(cfg, root)}
@@ -126,6 +143,8 @@ def run_pipeline(config: Config | str | Path | None = None, overrides: list[str]
         threads = f", {pl.threads} thread(s) each" if pl.threads else ""
         print(f"== rolekd run: {len(tasks)} stage runs, {where}{threads}", flush=True)
         searches = {r.dir for r in runs if r.stage.kind == "search"}
+        for line in stretch_warnings(runs):
+            print(f"== rolekd run: warning: {line}", flush=True)
 
         def after(d: str, result: dict) -> None:
             if d in searches:

@@ -48,7 +48,7 @@ from ..plots import plot_rewards, plot_schedule
 from ..train import resolve_device
 from .fused import FusedExecutor, fused_unsupported
 from .members import LocalExecutor, MemberFactory, Outcome, member_config
-from .pbt import PBTController, policy_string
+from .pbt import PBTController, perturbation_rounds, policy_string, too_short
 from .ray_executor import RayExecutor
 
 STATE_DIR = "search_state"
@@ -120,7 +120,8 @@ class Search:
         self.on_round = on_round
         self.verbose = verbose
         s = cfg.search
-        self.ctrl = PBTController(s.population, s.quantile, s.resample_prob, s.seed)
+        self.ctrl = PBTController(s.population, s.quantile, s.resample_prob, s.seed, init=s.init,
+                                  reward_window=s.reward_window, burn_in=s.burn_in)
         self.epoch = 0
         self.round = 0
         self.reward_rows: list[dict] = []
@@ -219,6 +220,9 @@ class Search:
                 self._event("resumed")
                 self._say(f"[search] {self.run_dir}: resumed after epoch {self.epoch}/{s.epochs}")
             else:
+                short = too_short(s.epochs, s.perturb_interval, s.burn_in)
+                if short:
+                    self._say(f"[search] {self.run_dir}: warning: {short}")
                 ex.snapshot()
                 self.write_logs()
             self.times["setup_s"] += time.perf_counter() - t_start
@@ -317,6 +321,8 @@ class Search:
         sched = Schedule(ctrl.history[best], source=str(rd / f"pbt_policy_{best}.txt"),
                          meta={"from": "rolekd-search", "role": s.role, "member": best, "epochs": s.epochs,
                                "population": s.population, "seed": s.seed})
+        slots = sched.active_slots()
+        active_epochs = sum(1 for k in slots if k)
         sched.save(rd / "schedule.json")
         t_test = time.perf_counter()
         test = self.executor.evaluate(best, "test")
@@ -336,7 +342,13 @@ class Search:
             "population": s.population, "epochs": s.epochs, "perturb_interval": s.perturb_interval,
             "seed": s.seed, "executor": getattr(self.executor, "name", type(self.executor).__name__),
             "device": self.executor.device,
-            "best_member": best, "best_val_acc": ctrl.rewards[best], "best_test_acc": test["acc"],
+            "reward_window": s.reward_window, "init": s.init, "burn_in": s.burn_in,
+            "rounds": self.round, "perturbation_rounds": perturbation_rounds(s.epochs, s.perturb_interval, s.burn_in),
+            "best_member": best, "best_val_acc": ctrl.rewards[best], "best_score": ctrl.scores()[best],
+            "best_test_acc": test["acc"],
+            # the schedule: epochs with at least one op slot of probability > 0, and their most slots
+            "schedule_active_epochs": active_epochs, "schedule_max_active_slots": max(slots, default=0),
+            "schedule_empty": active_epochs == 0,
             "final_val_acc": {str(i): r for i, r in enumerate(ctrl.rewards)},
             "exploits": sum(1 for e in ctrl.exploits if e.reason == "exploit"),
             "replacements": sum(1 for e in ctrl.exploits if e.reason == "replace"),
@@ -353,8 +365,11 @@ class Search:
         }
         atomic_write(rd / "search.json", json.dumps(summary, indent=2))
         shutil.rmtree(rd / STATE_DIR, ignore_errors=True)
+        what = (f"its schedule applies ops in {active_epochs} of {len(slots)} epochs (at most {max(slots)} active "
+                f"slots)" if active_epochs else "its schedule is EMPTY (no op in any epoch: retraining with it adds "
+                "no augmentation)")
         self._say(f"[search] {rd}: best member {best} val acc {summary['best_val_acc']:.4f} test acc "
-                  f"{test['acc']:.4f}; {summary['exploits']} exploits; {wall:.1f}s "
+                  f"{test['acc']:.4f}; {self.round} rounds, {summary['exploits']} exploits; {what}; {wall:.1f}s "
                   f"(outside training {100 * summary['overhead_frac']:.1f}%, controller {100 * summary['controller_frac']:.1f}%)")
         return summary
 
