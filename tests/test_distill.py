@@ -144,6 +144,96 @@ def test_top_right_singular_gradient_matches_torch_svd(shape, solver):
     torch.testing.assert_close(s, s_ref[:, :2].detach())
 
 
+def _spd_with_clusters(b, r, seed):
+    """(b, r, r) symmetric PSD matrices whose top eigenvalues come in near-equal pairs (gaps ~1e-6 of the largest)
+    and separated ones, with random eigenvectors, float64; and their eigenvectors and values."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(b, r, r, generator=g, dtype=torch.float64))
+    lam = torch.sort(torch.rand(b, r, generator=g, dtype=torch.float64), descending=True).values
+    lam[:, 1] = lam[:, 0] * (1 - 1e-6)  # a near-tie at the top
+    lam[:, 2] = lam[:, 0] * 0.5
+    return (q * lam.unsqueeze(-2)) @ q.transpose(-1, -2), q, lam
+
+
+@pytest.mark.parametrize("eps", [1e-4, 1e-9])
+def test_the_real_solve_of_the_subspace_backward_is_the_complex_solve_in_float64(eps):
+    """``Re[(l_i I - G + i tau I)^-1] b`` by the real block system (the backward since issue 32) against the
+    spectral formula ``sum_j v_j d_ij / (d_ij^2 + tau^2) (v_j . b)`` (``d_ij = l_i - l_j``, from the eigenpairs
+    the matrices were built from), as accurate as the complex128 LU solve it replaced, with near-ties inside and
+    outside tau."""
+    from rolekd.distill.svd import _complex_solve, _regularised_solve
+
+    for r, p in ((20, 3), (60, 4)):
+        gm, q, lam = _spd_with_clusters(3, r, seed=r)
+        tau = eps * lam[:, :1]
+        rhs = torch.randn(3, p, r, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        vt = q[..., :p].transpose(-1, -2)  # (B, p, r): v_i as rows
+
+        def off_v(w):  # as the backward: no component along v_i (before and after the solve)
+            return w - vt * (vt * w).sum(-1, keepdim=True)
+        rhs = off_v(rhs)
+        d = lam[:, :p].unsqueeze(-1) - lam.unsqueeze(-2)  # (B, p, r): l_i - l_j
+        f = d / (d * d + (tau * tau).unsqueeze(-1))
+        exact = ((f * (rhs @ q)).unsqueeze(-2) * q.unsqueeze(-3)).sum(-1)  # sum_j f_ij (b_i . v_j) v_j
+        old = off_v(_complex_solve(gm, lam[:, :p], tau, rhs))
+        new = off_v(_regularised_solve(gm, lam[:, :p], tau, rhs))
+        scale = float(exact.abs().max())
+        assert scale > 10 * float(rhs.abs().max())  # the near-tie is in there
+        err_old = float((old - exact).abs().max()) / scale
+        err_new = float((new - exact).abs().max()) / scale
+        # float64 rounding times the condition number (1 / eps) bounds both
+        assert err_new <= max(4 * err_old, 1e-12), (err_new, err_old)
+        assert err_new <= 1e-15 / eps * 100, (err_new, eps)
+
+
+def test_fixed_iteration_subspace_runs_the_known_count_and_a_failed_check_raises_it(monkeypatch):
+    """The CUDA policy (forced on the CPU here): the first call of a shape checks convergence and records its
+    iterations, later calls run that count without a check, every CHECK_EVERY-th call checks again and raises the
+    count when the input needs more; results equal the checked solver's within its tolerance."""
+    import rolekd.distill.svd as svd
+
+    monkeypatch.setattr(svd, "FIXED_ITERATION_DEVICES", {"cpu"})
+    monkeypatch.setattr(svd, "CHECK_EVERY", 3)
+    monkeypatch.setattr(svd, "_ITERATIONS", {})
+    r, p = 48, 2
+    # an easy matrix (well separated top eigenvalues) first, then hard ones (top gap 2%: slow convergence)
+    g = torch.Generator().manual_seed(5)
+    q, _ = torch.linalg.qr(torch.randn(2, r, r, generator=g, dtype=torch.float64))
+
+    def with_top(top):
+        lam = torch.linspace(0.3, 0.01, r, dtype=torch.float64).expand(2, r).clone()
+        lam[:, :len(top)] = torch.tensor(top, dtype=torch.float64)
+        return (q * lam.unsqueeze(-2)) @ q.transpose(-1, -2)
+
+    # the block of p + 8 = 10 vectors converges at (l_11 / l_2)^2 per iteration: 0.6 (easy) vs 0.9 (hard)
+    easy = with_top([1.0, 0.5])
+    hard = with_top([1.0, 0.95] + torch.linspace(0.94, 0.855, 10).tolist())
+
+    def residual(gm, lam, v):
+        return float((torch.linalg.vector_norm(gm @ v - v * lam.unsqueeze(-2), dim=-2) / lam[:, :1]).max())
+
+    lam, v = svd.top_eigh(easy, p, solver="subspace")
+    (key, (n_easy, calls)), = svd._ITERATIONS.items()
+    assert calls == 0 and residual(easy, lam, v) <= 1e-10
+    # calls 1, 2: the known count, no check -- a hard matrix is then not converged as tightly
+    lam, v = svd.top_eigh(hard, p, solver="subspace")
+    loose = residual(hard, lam, v)
+    assert svd._ITERATIONS[key] == (n_easy, 1)
+    svd.top_eigh(hard, p, solver="subspace")
+    # call 3 (the 3rd since the first): checked -> iterates to convergence and raises the count
+    lam, v = svd.top_eigh(hard, p, solver="subspace")
+    n_hard = svd._ITERATIONS[key][0]
+    assert n_hard > n_easy and residual(hard, lam, v) <= 1e-10 < loose
+    # from then on the raised count: the hard matrix converges without a check
+    lam, v = svd.top_eigh(hard, p, solver="subspace")
+    assert svd._ITERATIONS[key][0] == n_hard and residual(hard, lam, v) <= 1e-10
+    # the checked solver (the CPU policy) gives the same pairs
+    monkeypatch.setattr(svd, "FIXED_ITERATION_DEVICES", set())
+    lam_ref, v_ref = svd.top_eigh(hard, p, solver="subspace")
+    torch.testing.assert_close(lam, lam_ref, rtol=1e-9, atol=0)
+    torch.testing.assert_close((v * v_ref).sum(-2).abs(), torch.ones(2, p, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
 # ----------------------------------------------------------------------------- kd-svd
 def random_feats(rng, n=4, dims=((4, 6, 6), (8, 3, 3), (12, 2, 2))):
     return [np.abs(rng.normal(size=(n,) + d)) + rng.uniform(0, 0.3, size=(n,) + d) for d in dims]

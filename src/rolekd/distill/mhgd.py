@@ -107,6 +107,10 @@ class MHGD(Distiller):
         self.attention = nn.ModuleList()  # one GraphAttention per consecutive tap pair, built on first use
         self.register_buffer("channels", torch.zeros(0, dtype=torch.long))
         self.register_buffer("prepared", torch.zeros((), dtype=torch.bool))
+        # the two buffers as Python values (kept in step by build/freeze/loading): every KD step checks them,
+        # and reading a device tensor there would make a CUDA host wait for the device (issue 32)
+        self._channels: list[int] = []
+        self._prepared = False
         self.prepare_history: list[float] = []  # mean estimator loss per prepare epoch
         self.adapter = ChannelAdapter()  # student -> teacher widths where they differ
 
@@ -117,7 +121,7 @@ class MHGD(Distiller):
 
     @property
     def is_prepared(self) -> bool:
-        return bool(self.prepared)
+        return self._prepared
 
     def build(self, channels: list[int]) -> None:
         """Create the attention networks for taps of these channel counts (shallow to deep)."""
@@ -128,14 +132,17 @@ class MHGD(Distiller):
         self.attention = nn.ModuleList(
             GraphAttention(c, cp, self.num_heads) for cp, c in zip(channels[:-1], channels[1:])).to(device)
         self.channels = torch.tensor(channels, dtype=torch.long, device=device)
+        self._channels = channels
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         ch = state_dict.get(prefix + "channels")
-        if ch is not None and ch.numel() and (not self.built or ch.tolist() != self.channels.tolist()):
+        if ch is not None and ch.numel() and (not self.built or ch.tolist() != self._channels):
             self.build(ch.tolist())  # a resumed run: rebuild the networks, then load their weights
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._channels = [int(c) for c in self.channels.tolist()]  # once per load, not per step
+        self._prepared = bool(self.prepared)
         if self.is_prepared:  # a trained network stays frozen
             self.attention.requires_grad_(False)
             self.attention.eval()
@@ -147,6 +154,7 @@ class MHGD(Distiller):
         self.attention.requires_grad_(False)
         self.attention.eval()
         self.prepared.fill_(True)
+        self._prepared = True
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -209,7 +217,7 @@ class MHGD(Distiller):
                     with torch.no_grad():
                         feats = taps(x.to(device)).features
                     vectors = self.teacher_vectors(feats)
-                    if not self.built or [v.shape[1] for v in vectors] != self.channels.tolist():
+                    if not self.built or [v.shape[1] for v in vectors] != self._channels:
                         self.build([v.shape[1] for v in vectors])
                         opt = None
                     if epochs == 0:
@@ -244,9 +252,9 @@ class MHGD(Distiller):
             raise UserError("mhgd: the attention network is not trained yet; call prepare(teacher, batches) "
                             "(KDObjective.prepare) before KD training")
         chans = [p.teacher.shape[1] for p in pairs]
-        if chans != self.channels.tolist():
+        if chans != self._channels:
             raise UserError(f"mhgd: taps have channels {chans} but the attention network was built for "
-                            f"{self.channels.tolist()}")
+                            f"{self._channels}")
 
     def loss_from_pairs(self, pairs: list[SingularPair]) -> torch.Tensor:
         self._check_ready(pairs)
@@ -265,4 +273,4 @@ class MHGD(Distiller):
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, candidates={self.candidates}, prepare_epochs={self.prepare_epochs}, "
-                f"channels={self.channels.tolist()}, prepared={self.is_prepared}")
+                f"channels={self._channels}, prepared={self.is_prepared}")

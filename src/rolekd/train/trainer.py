@@ -189,6 +189,8 @@ class Trainer:
         self.device = train_loader.device
         self.epochs = int(cfg.epochs)
         self.cuda = self.device.type == "cuda"
+        if self.cuda:  # fixed input shapes: cuDNN's autotuned convolutions (no effect on the CPU)
+            torch.backends.cudnn.benchmark = True
         self.channels_last = train_loader.channels_last  # decided once, where the loaders are made
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.cuda)
         model = model.to(self.device)
