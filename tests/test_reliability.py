@@ -81,7 +81,25 @@ class RelThreads(RelNet):
         return super().forward(x)
 
 
+class RelOOM(RelNet):
+    """Runs out of (CUDA) memory at its ``after``-th training step, as torch raises it."""
+
+    def __init__(self, num_classes=4, after=6):
+        super().__init__(num_classes)
+        self.after = int(after)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long), persistent=False)  # counts per process
+
+    def forward(self, x):
+        if self.training:
+            self.steps += 1
+            if int(self.steps) >= self.after:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total "
+                                             "capacity of 79.19 GiB of which 3.06 MiB is free.")
+        return super().forward(x)
+
+
 register_model("rel_net")(RelNet)
+register_model("rel_oom")(RelOOM)
 register_model("rel_bomb")(RelBomb)
 register_model("rel_threads")(RelThreads)
 _g = torch.Generator().manual_seed(15)
@@ -320,6 +338,53 @@ def test_non_finite_weights_with_a_finite_loss_also_stop_the_run(tmp_path, capsy
     one_line_error(code, err, "non-finite weights", status=1)
     assert "epoch 2/3" in err
     assert [r["epoch"] for r in rows(out)] == [0, 1] and rows(out)[1]["train_loss"] is not None
+
+
+def test_out_of_memory_is_one_line_saying_what_to_lower_and_the_run_resumes(tmp_path, capsys):
+    out = tmp_path / "oom"
+    code, _, err = run(capsys, "train", *TOY, "model=rel_oom", "model.kwargs.after=6", f"epochs={EPOCHS}",
+                       f"out={out}")
+    # 4 steps an epoch: the 6th step is in epoch 2, so epoch 1's checkpoint is kept
+    one_line_error(code, err, "out of memory in run", status=1)
+    assert "(Tried to allocate 20.00 MiB)" in err and "lower train.batch_size (now 16) or train.eval_batch_size " \
+        "(now 32)" in err and "rerun the same command to resume" in err
+    assert read_checkpoint(out / "checkpoint")["epoch"] == 1
+    # the rerun resumes from epoch 1's checkpoint: epoch 2 (steps 1-4 of the new process) completes, and the model
+    # runs out again at its 6th step, in epoch 3 (the same line again)
+    code, _, err = run(capsys, "train", *TOY, "model=rel_oom", "model.kwargs.after=6", f"epochs={EPOCHS}",
+                       f"out={out}")
+    one_line_error(code, err, "out of memory in run", status=1)
+    assert read_checkpoint(out / "checkpoint")["epoch"] == 2
+
+
+def test_out_of_memory_in_a_search_member_stops_the_search_instead_of_replacing_the_member(tmp_path, capsys):
+    out = tmp_path / "s"
+    code, _, err = run(capsys, "search", *TOY, "model=rel_oom", "model.kwargs.after=3", "data.train_size=32",
+                       "data.val_size=32", "search.population=2", "search.epochs=2", "search.perturb_interval=1",
+                       f"out={out}")
+    one_line_error(code, err, "out of memory in search", status=1)
+    assert "lower train.batch_size (now 16)" in err
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()] if \
+        (out / "events.jsonl").is_file() else []
+    assert not [e for e in events if e["event"].startswith("member_")]  # not retried, not replaced
+
+
+def test_out_of_memory_in_a_pipeline_of_several_workers_also_names_pipeline_workers(tmp_path, monkeypatch, capsys):
+    import rolekd.pipeline.run as prun
+    from rolekd.errors import out_of_memory
+
+    def oom(tasks, executor, **kw):
+        executor.close()
+        raise out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."),
+                            "run X on cuda:0", ["train.batch_size (now 128)"])
+    monkeypatch.setattr(prun, "run_graph", oom)
+    base = [*TOY, "pipeline.teacher.model=rel_net", "pipeline.student.model=rel_net", "pipeline.student.method=soft",
+            "data.train_size=32", "data.val_size=32", f"out={tmp_path / 'p'}"]
+    code, _, err = run(capsys, "run", *base, "pipeline.workers=2")
+    one_line_error(code, err, "lower train.batch_size (now 128) or pipeline.workers (now 2: the stages running at "
+                              "once share the GPU); then rerun", status=1)
+    code, _, err = run(capsys, "run", *base, "pipeline.workers=1", f"out={tmp_path / 'q'}")
+    one_line_error(code, err, "lower train.batch_size (now 128); then rerun", status=1)
 
 
 def test_a_linear_algebra_failure_mid_epoch_is_a_divergence(tmp_path):

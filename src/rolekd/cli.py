@@ -28,7 +28,7 @@ import torch
 
 from . import __version__
 from .config import Config, load_config
-from .errors import RunFailed, UserError
+from .errors import RunFailed, UserError, out_of_memory
 from .experiment import search_from_config, train_from_config
 from .export import describe, export_run
 from .models import list_models
@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (NonFiniteLoss, RunFailed) as e:
         print(f"rolekd: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as e:  # where no run named what to lower (rolekd export, report)
+        print(f"rolekd: error: {out_of_memory(e, 'rolekd ' + args.command, ['the batch size'])}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"rolekd: error: {_os_error(e)}", file=sys.stderr)

@@ -41,14 +41,16 @@ from .augment import BatchAugment, Schedule
 from .config import Config, derive, dump_config
 from .data import DataBundle, DeviceLoader, Split, load_dataset, reduced_split
 from .distill import KDObjective, build_kd_objective, distiller_class
-from .errors import UserError
+from .errors import UserError, out_of_memory
 from .files import (LOCK_NAME, RunLock, atomic_write, check_weights, dump_json, load_weights, read_summary,
                     read_weights, save_weights)
 from .models import create, on_meta
 from .quant import quantize_model
+from .runtime import freed_memory_kept
 from .search import Search, finished_search, member_config, search_config
 from .search.grouped import check_grouped
 from .search.ray_executor import probe_address
+from .search.run import executor_kind
 from .train import NonFiniteLoss, Trainer, resolve_device
 
 # keys that may differ between a run and its resumption (and ``out``: a run directory may be moved)
@@ -442,6 +444,16 @@ def _finished(run_dir: Path, verbose: bool = True) -> dict | None:
     return result
 
 
+def runtime_record(model: nn.Module) -> dict:
+    """What a run's process trains with, read off the process and the model (``result.json``'s ``runtime``):
+    torch's CPU threads, whether the model's convolution weights are channels-last, and whether freed memory
+    is kept in the process (:mod:`rolekd.runtime`). Machine facts, not part of the config."""
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    return {"threads": torch.get_num_threads(),
+            "channels_last": bool(convs) and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs),
+            "freed_memory_kept": freed_memory_kept()}
+
+
 def train_from_config(cfg: Config, run_dir: Path | None = None, log_name: str = "train",
                       session: Session | None = None) -> dict:
     """Train (or resume, or report) the run described by ``cfg``; returns ``result.json``'s content.
@@ -470,8 +482,13 @@ def train_from_config(cfg: Config, run_dir: Path | None = None, log_name: str = 
             return done
         result_file = run_dir / "result.json"
         t0 = time.time()
+        runtime = runtime_record(trainer.model)  # how this process trains: threads, layout, allocator
         try:
             history = trainer.fit()
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(e, f"run {run_dir} on {trainer.device}", [
+                f"train.batch_size (now {cfg.train.batch_size})",
+                f"train.eval_batch_size (now {cfg.train.eval_batch_size})"]) from None
         except NonFiniteLoss as e:
             finite = e.epoch if e.epoch is not None else trainer.epoch - 1  # epochs completed before it
             atomic_write(result_file, dump_json({
@@ -495,7 +512,7 @@ def train_from_config(cfg: Config, run_dir: Path | None = None, log_name: str = 
               "schedule": cfg.augment.schedule, "train_images": trainer.train_loader.num_samples,
               "test_images": trainer.eval_loaders["test"].num_samples,
               "test_acc": last.get("test_acc"), "best_test_acc": max(r.get("test_acc", 0.0) for r in history),
-              "wall_time_s": round(time.time() - t0, 2), "device": str(trainer.device)}
+              "wall_time_s": round(time.time() - t0, 2), "device": str(trainer.device), "runtime": runtime}
     atomic_write(result_file, dump_json(result, indent=2))
     print(f"{run_dir}: test acc {result['test_acc']:.4f} after {cfg.train.epochs} epochs")
     return result
@@ -528,7 +545,16 @@ def search_from_config(cfg: Config, run_dir: Path | None = None, executor=None, 
         summary = finished_search(run_dir, verbose)
         if summary is not None:
             return summary
-        return Search(cfg, run_dir, MemberFactory(session), executor, on_round, verbose).run()
+        try:
+            return Search(cfg, run_dir, MemberFactory(session), executor, on_round, verbose).run()
+        except torch.OutOfMemoryError as e:
+            s = cfg.search
+            fused = executor_kind(cfg) == "fused" or (s.executor == "ray" and s.ray_group_size > 1)
+            raise out_of_memory(e, f"search {run_dir}", [
+                f"train.batch_size (now {cfg.train.batch_size})",
+                f"train.eval_batch_size (now {cfg.train.eval_batch_size})"]
+                + (["the members trained at once (search.executor=local, or a smaller search.ray_group_size)"]
+                   if fused else [])) from None
     finally:
         if own:
             session.close()

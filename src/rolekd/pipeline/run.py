@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, derive, load_config
-from ..errors import UserError
+from ..errors import OutOfMemory, UserError
 from ..experiment import Session, check_config, check_run_dir, load_schedule, prepare_run_dir
 from ..files import RunLock, atomic_write
 from ..provenance import record_code
@@ -150,7 +150,14 @@ def run_pipeline(config: Config | str | Path | None = None, overrides: list[str]
             if d in searches:
                 check_random_controls(runs)  # as soon as a learned schedule exists, before its control starts
         with Session() as session:
-            results = run_graph(tasks, make_executor(cfg, pl, session), on_done=after, on_last=warm_up_report)
+            try:
+                results = run_graph(tasks, make_executor(cfg, pl, session), on_done=after, on_last=warm_up_report)
+            except OutOfMemory as e:
+                if pl.workers > max(1, pl.gpus):  # several stages shared a device
+                    shared = "the GPU" if pl.gpus <= 1 else f"{pl.gpus} GPUs"
+                    raise OutOfMemory(str(e).replace("; then rerun", f" or pipeline.workers (now {pl.workers}: the "
+                                                     f"stages running at once share {shared}); then rerun")) from None
+                raise
         atomic_write(root / "results.json", json.dumps(results, indent=2, default=str))
         report = build_report(root)
     print(f"report: {report}")

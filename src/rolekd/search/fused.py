@@ -235,7 +235,7 @@ class FusedExecutor(LocalExecutor):
         for group in self._groups(ids):
             try:
                 out.update(self._train_group(group, int(epochs)))
-            except UserError:
+            except (UserError, torch.OutOfMemoryError):
                 raise
             except Exception as e:  # the fused step failed: every member of the group fails
                 out.update({m.index: error_outcome(e) for m in group})

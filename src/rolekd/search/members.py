@@ -162,7 +162,7 @@ def run_member(member: Member, epochs: int, policy: Sequence[int]) -> Outcome:
     """Train one member, turning any failure except bad user input into a failed :class:`Outcome`."""
     try:
         return member.train(epochs, policy)
-    except UserError:
+    except (UserError, torch.OutOfMemoryError):  # bad input, or a device too small for the search: not the member's
         raise
     except Exception as e:  # a member's failure must not stop the search
         return error_outcome(e)
