@@ -2,6 +2,11 @@
 
     python benchmarks/dry_check.py benchmarks/bench_search.py --device cuda ...   # a script
     python benchmarks/dry_check.py -m rolekd.cli run configs/gpu-mini.yaml ...   # a module
+    python benchmarks/dry_check.py --batch FILE                                   # every command in FILE
+
+``--batch``: one command per line (shell words), each checked as above in this one process (torch and rolekd
+are imported once, not once per command); each prints its own ``dry: ok`` line; the exit status is 1 when
+any failed.
 
 The script or module is imported and run up to its argument parser, which parses the command's
 arguments and then stops the run (exit 0), so a renamed flag, a missing script or an import error fails
@@ -58,5 +63,29 @@ def main(argv: list[str]) -> int:
     return 1
 
 
+def batch(path: str) -> int:
+    import shlex
+
+    failed = 0
+    for line in open(path):
+        if not line.strip():
+            continue
+        argv = shlex.split(line)
+        name, argv = argv[0], argv[1:]
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # a parser's own error (exit 2) or a script's exit
+            rc = e.code if isinstance(e.code, int) else 1
+        except Exception as e:  # an import error or a bug in the script: its message, then the next command
+            print(f"dry: {' '.join(argv)}: {type(e).__name__}: {e}", file=sys.stderr)
+            rc = 1
+        if rc:
+            print(f"dry: FAILED {name}", file=sys.stderr)
+            failed = 1
+    return failed
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--batch"]:
+        sys.exit(batch(sys.argv[2]))
     sys.exit(main(sys.argv[1:]))

@@ -26,7 +26,8 @@ export PYTHONUNBUFFERED=1
 DRY=0
 FAILED=0
 if [ "${1:-}" = dry ]; then
-  DRY=1; OUT=${OUT:-$(mktemp -d)}; export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+  DRY=1; OUT=${OUT:-$(mktemp -d)}; export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}; DRY_LIST=$OUT/dry_commands.txt
+  : > "$DRY_LIST"
 else
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD/src
@@ -35,9 +36,9 @@ else
 fi
 step() {  # step SECONDS NAME COMMAND...: run it (its log in $OUT), or in dry mode parse it only
   local t=$1; shift; local name=$1; shift
-  if [ $DRY = 1 ]; then
+  if [ $DRY = 1 ]; then  # collected, then checked in one process (benchmarks/dry_check.py --batch)
     [ "$1" = python3 ] && shift
-    python3 benchmarks/dry_check.py "$@" || { echo "dry: FAILED $name" >&2; FAILED=1; }
+    printf '%q ' "$name" "$@" >> "$DRY_LIST"; echo >> "$DRY_LIST"
     return 0
   fi
   echo "== $name"; local t0=$SECONDS rc; timeout "$t" "$@" > "$OUT/$name.log" 2>&1; rc=$?
@@ -100,7 +101,9 @@ mode_bench() {
   step 120 kd python3 benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --out $OUT/kd.json
 }
 if [ $DRY = 1 ]; then
-  for mode in search search_more early bench mini pipeline; do echo "== dry: $mode"; "mode_$mode"; done
+  for mode in search search_more early bench mini pipeline; do "mode_$mode"; done
+  echo "== dry: $(wc -l < "$DRY_LIST") commands of modes search, search-more, early, bench, mini, pipeline"
+  python3 benchmarks/dry_check.py --batch "$DRY_LIST" || FAILED=1
   echo "== dry: the pipeline row on CPU, 2 workers, micro size"
   python3 -m rolekd.cli run configs/gpu-mini.yaml train.device=cpu data.name=cifar10-sample data.train_size=128 \
     data.val_size=128 data.max_train=384 data.max_test=200 train.epochs=1 train.batch_size=64 train.eval_batch_size=200 \

@@ -57,3 +57,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray instance (2 CPUs, no dashboard) shared by every test that needs Ray (its start and its
+    workers' imports cost seconds each time); skips where Ray is not installed. rolekd finds it initialised
+    and neither starts nor stops it."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -61,17 +61,35 @@ def test_full_train_size_trains_on_the_reduced_splits_training_images():
 
 
 def test_full_cifar10_reduced_split_sizes(shared_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("ROLEKD_CACHE", str(tmp_path))
-    t0 = time.perf_counter()
-    b = load_jpeg_npz(shared_dir / "data" / "cifar10_jpeg.npz")
-    first = time.perf_counter() - t0
-    assert len(b.train) == 50000 and len(b.test) == 10000
-    tr, va = reduced_split(b.train, 4000, 46000, 0)
+    """The full JPEG copy's sizes and PBA's 4,000 / 46,000 split, read from its arrays (no decoding); decoding and
+    its cache on a small file cut from it (the first 600 / 100 images: the decoding is the same code for any
+    number of images, and decoding all 60,000 took ~18 s of the suite)."""
+    full = shared_dir / "data" / "cifar10_jpeg.npz"
+    with np.load(full) as d:
+        arrays = {k: d[k] for k in d.files}
+    n_train, n_test = len(arrays["train_offsets"]) - 1, len(arrays["test_offsets"]) - 1
+    assert (n_train, n_test) == (50000, 10000) == (len(arrays["train_labels"]), len(arrays["test_labels"]))
+    labels = torch.as_tensor(arrays["train_labels"].astype(np.int64))
+    tr, va = reduced_split(Split(torch.zeros(n_train, 1, 1, 1, dtype=torch.uint8), labels), 4000, 46000, 0)
     assert len(tr) == 4000 and len(va) == 46000
-    assert list(tmp_path.glob("*.npz")), "decoded arrays are cached"
+    assert torch.bincount(tr.labels, minlength=10).min() > 300  # a permutation of balanced classes
+    small = tmp_path / "small.npz"
+    cut = {}
+    for split, n in (("train", 600), ("test", 100)):
+        off = arrays[f"{split}_offsets"][:n + 1]
+        cut.update({f"{split}_jpeg": arrays[f"{split}_jpeg"][:off[-1]], f"{split}_offsets": off,
+                    f"{split}_labels": arrays[f"{split}_labels"][:n]})
+    np.savez(small, **cut, **({"classes": arrays["classes"]} if "classes" in arrays else {}))
+    monkeypatch.setenv("ROLEKD_CACHE", str(tmp_path / "cache"))
     t0 = time.perf_counter()
-    b2 = load_jpeg_npz(shared_dir / "data" / "cifar10_jpeg.npz")
-    assert torch.equal(b2.train.images[:100], b.train.images[:100])
+    b = load_jpeg_npz(small)
+    first = time.perf_counter() - t0
+    assert len(b.train) == 600 and len(b.test) == 100 and b.train.images.shape[1:] == (3, 32, 32)
+    assert b.train.labels.tolist() == arrays["train_labels"][:600].tolist()
+    assert list((tmp_path / "cache").glob("*.npz")), "decoded arrays are cached"
+    t0 = time.perf_counter()
+    b2 = load_jpeg_npz(small)
+    assert torch.equal(b2.train.images, b.train.images) and torch.equal(b2.test.images, b.test.images)
     assert time.perf_counter() - t0 < first  # the cache skips decoding
 
 

@@ -33,7 +33,9 @@ from rolekd.files import load_weights  # noqa: E402
 from rolekd.models import create, register_model  # noqa: E402
 from rolekd.quant import ActQuant, QConv2d, QLinear, quantize_activation, quantize_model, quantize_weight  # noqa: E402
 
-FAST = "train.optimizer=adam train.weight_decay=0 augment.cutout=0 data.max_test=100 train.progress=false"
+# one thread: the same trained students on every machine (a run's default is the affinity's CPUs)
+FAST = ("train.optimizer=adam train.weight_decay=0 augment.cutout=0 data.max_test=100 train.progress=false "
+        "train.threads=1")
 
 
 def _cli(*args: str) -> int:
@@ -60,7 +62,9 @@ class Runs:
                                    f"a_bits=4 epochs=1 data.max_train=500 train.lr=0.001 {FAST}",
                 "resnet_tiny-2-2": f"train model=resnet_tiny teacher={teacher()} w_bits=2 a_bits=2 "
                                    f"epochs=1 data.max_train=500 train.lr=0.001 {FAST}",
-                "alexnet-4-4": f"train model=alexnet w_bits=4 a_bits=4 epochs=1 data.max_train=512 train.lr=0.001 "
+                # AlexNet's layers at a quarter of its width (16x fewer weights: the same export path, 1/10 the time)
+                "alexnet-4-4": f"train model=alexnet model.kwargs.width=0.25 w_bits=4 a_bits=4 epochs=1 "
+                               f"data.max_train=512 train.lr=0.001 "
                                f"train.batch_size=64 {FAST}",
                 # ResNet18 (slow): students from a short-trained full-precision ResNet18, so that their logits
                 # separate the classes (a 4-bit ResNet18 from scratch is near chance after one short epoch)
@@ -152,17 +156,38 @@ def test_onnxruntime_agrees_with_the_pytorch_student(case, exported, test_set):
     finally:
         torch.set_num_threads(old)
     ox, = _ort_logits(e.proto, images)
+    check_agreement(pt, ox, labels)
+
+
+def check_agreement(pt: np.ndarray, ox: np.ndarray, labels: np.ndarray) -> None:
+    """onnxruntime's logits ``ox`` against PyTorch's ``pt``, in a form that holds on any correct machine.
+
+    The quantizers compute PyTorch's float32 operations, so an image's logits differ only by float32 rounding
+    (measured: 6e-7 at the median), unless a convolution's other summation order moved an activation across
+    a quantisation level (a *level flip*: measured about 1 image in 8 at 4 bits), which changes the logits by
+    up to a level's effect. So: (1) at most a quarter of the images have a level flip and the median image's
+    logits agree to rounding; (2) an image without a level flip has PyTorch's top-1 wherever its top-2 margin
+    exceeds twice the rounding (there, no summation order can swap the top two); (3) top-1 flips happen only
+    at level-flipped images or near-ties, at most 1% of all images (seen: 0 to 2 of 1,000 on a barely trained
+    AlexNet whose logits are near ties, depending on the thread count), and accuracy moves by no more."""
+    n = len(pt)
+    scale = 1 + np.abs(pt).max(1)
+    diff = np.abs(pt - ox).max(1)
+    rounding = 1e-4 * scale  # far above float32 rounding (1e-6 relative), far below a level's effect
+    flipped = diff > rounding
+    assert flipped.mean() <= 0.25, (flipped.sum(), n)
+    assert np.median(diff) <= 1e-5 * (1 + np.abs(pt).max()), np.median(diff)
     pt_top, ox_top = pt.argmax(1), ox.argmax(1)
     assert len(np.unique(pt_top)) >= 3, "the student predicts (almost) one class: the comparison would be empty"
-    agree = (pt_top == ox_top).mean()
+    top2 = np.sort(pt, 1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    clean = ~flipped & (margin > 2 * rounding)
+    assert clean.sum() >= n // 2 and (pt_top[clean] == ox_top[clean]).all(), \
+        np.flatnonzero(clean & (pt_top != ox_top))
+    disagree = int((pt_top != ox_top).sum())
+    assert disagree <= n // 100, (disagree, n)
     acc_pt, acc_ox = (pt_top == labels).mean(), (ox_top == labels).mean()
-    assert agree >= 0.999, (agree, acc_pt, acc_ox)
-    assert abs(acc_pt - acc_ox) <= 0.001 + 1e-12, (acc_pt, acc_ox)
-    # the quantizers compute PyTorch's float32 operations, so logits differ only where a convolution's other
-    # summation order flipped an activation level (measured: about 1 image in 8 at 4 bits); the median
-    # image's logits agree to float32 rounding (measured: 6e-7)
-    diff = np.abs(pt - ox).max(1)
-    assert np.median(diff) <= 1e-5 * (1 + np.abs(pt).max()), np.median(diff)
+    assert abs(acc_pt - acc_ox) <= disagree / n + 1e-12, (acc_pt, acc_ox)
 
 
 # ---------------------------------------------------------------------------------------- weights
@@ -387,6 +412,25 @@ def test_sizes_follow_the_published_parameter_counts():
             assert abs(size["packed_bytes"] - (4 * (first + last + 2 * bn_params) + quantized * bits / 8)) < 64
     with torch.device("meta"):
         assert model_size(create("resnet_tiny"))["packed_bytes"] == model_size(create("resnet_tiny"))["fp32_bytes"]
+
+
+@pytest.mark.parametrize("bits", [1, 3])
+def test_packed_size_is_exact_bytes_with_each_1bit_layers_scale(bits):
+    """Every byte counted: per quantized tensor ceil(numel * k / 8) bytes, plus its float32 scale mean|w| at
+    1 bit (4 bytes a tensor; k >= 2 bits need none), and 4 bytes for every other float value, from the
+    architecture's tensors listed here."""
+    cfg = load_config(None, ["model=resnet_tiny", f"w_bits={bits}", f"a_bits={bits}"])
+    size = config_size(cfg, 10)
+    with torch.device("meta"):
+        net = quantize_model(create("resnet_tiny"), w_bits=bits, a_bits=bits)
+    layers = _quantized_layers(net)
+    assert len(layers) >= 8
+    q = {f"{p}.weight": m.weight.numel() for p, m in layers.items()}
+    floats = [t.numel() for n, t in list(net.named_parameters()) + list(net.named_buffers())
+              if t.is_floating_point() and n not in q]
+    want = sum(-(-n * bits // 8) for n in q.values()) + (4 * len(q) if bits == 1 else 0) + 4 * sum(floats)
+    assert size["packed_bytes"] == want
+    assert size["packed_weight_bytes"] == want - 4 * sum(floats)
 
 
 def test_report_student_table_has_a_size_column(runs, tmp_path):

@@ -4,7 +4,6 @@ members (quantizer maxima, BatchNorm, policies, failures), exact slice copies on
 of fused members giving the same search."""
 
 import csv
-import importlib.util
 import json
 
 import pytest
@@ -333,22 +332,17 @@ def test_dml_is_refused_by_fused_before_the_run_dir_and_falls_back_under_auto(te
 
 
 # ------------------------------------------------------------------------------------ Ray
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
-def test_ray_with_two_fused_groups_gives_the_local_search(local_reference, tmp_path):
-    import ray
-
+def test_ray_with_two_fused_groups_gives_the_local_search(local_reference, tmp_path, local_ray):
     from rolekd.search import RayExecutor
 
     ref, s = local_reference
     cfg = config(tmp_path / "ray", "search.executor=ray", "search.ray_group_size=2", "search.ray_num_cpus=0.5")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ex = RayExecutor.from_config(search_config(cfg), MemberFactory())
     try:
         r = search_from_config(cfg, executor=ex, verbose=False)
         assert ex.groups == [[0, 1], [2, 3]] and len(ex.actors) == 2
     finally:
         ex.close()
-        ray.shutdown()
     assert r["executor"] == "ray"
     assert_same_search(ref, tmp_path / "ray")
     assert r["final_val_acc"] == s["final_val_acc"] and r["best_test_acc"] == s["best_test_acc"]

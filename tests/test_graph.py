@@ -118,6 +118,43 @@ def test_the_critical_path_starts_first(tmp_path):
     assert order.index("beta_search") < order.index("only_kd_seed1")
 
 
+def _downstream(d: str) -> int:
+    """How many runs wait for ``d``, directly or through others, from NEEDS (every seed of a retraining stage
+    distils from the first seed's teacher, so the seed-1 runs wait like seed 0's and nothing waits for them)."""
+    stage = d.removesuffix("_seed1")
+    if d.endswith("_seed1"):
+        return 0
+    after = {s: {t for t, ns in NEEDS.items() if s in ns} for s in NEEDS}
+    seen: set[str] = set()
+    todo = [stage]
+    while todo:
+        for t in after[todo.pop()] - seen:
+            seen.add(t)
+            todo.append(t)
+    return sum(1 if t.endswith("_search") else 2 for t in seen)  # each retraining stage runs 2 seeds
+
+
+@pytest.mark.parametrize("order", ["table", "reversed", "shuffled"])
+def test_every_start_is_a_ready_run_that_most_runs_wait_for(tmp_path, order):
+    """Whatever order the runs are listed in, each start is, among the runs ready then, one with the most runs
+    waiting for it (the critical path: the α search, the teacher, the β search before any baseline)."""
+    ts = tasks(tmp_path, ALL)
+    if order == "reversed":
+        ts = ts[::-1]
+    elif order == "shuffled":
+        random.Random(4).shuffle(ts)
+    ex = Scripted(2, lambda running: running[0])  # first in, first out
+    run_graph(ts, ex)
+    started: set[str] = set()
+    for d, done, _ in ex.starts:
+        ready = [t.dir for t in ts if t.dir not in started and NEEDS[t.dir.removesuffix("_seed1")] <= done]
+        assert d in ready
+        assert _downstream(d) == max(_downstream(r) for r in ready), (d, ready)
+        started.add(d)
+    order = [d for d, _, _ in ex.starts]
+    assert order[0] == "alpha_search" and order.index("teacher") < order.index("beta_search") < order.index("only_kd")
+
+
 def test_a_failure_stops_new_starts_and_is_one_line(tmp_path):
     ts = tasks(tmp_path)
     # teacher fails while vanilla_teacher is in flight: nothing that waits for the teacher starts, the run in

@@ -172,6 +172,19 @@ def test_param_counts_pyramidnet():
     assert abs(_count("pyramidnet_110_48") / 1.7e6 - 1) < 0.05  # basic nets: see module docstring
 
 
+def test_alexnet_width_scales_every_layer():
+    net = create("alexnet", width=0.25)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    fcs = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert [m.out_channels for m in convs] == [16, 48, 96, 64, 64]
+    assert [(m.in_features, m.out_features) for m in fcs] == [(64 * 16, 1024), (1024, 1024), (1024, 10)]
+    assert net.num_features == 1024
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(UserError, match="width"):
+        create("alexnet", width=0)
+
+
 def test_alexnet_matches_authors_layers():
     convs = [(3, 64, 11), (64, 192, 5), (192, 384, 3), (384, 256, 3), (256, 256, 3)]
     expected = sum(ci * co * k * k + 2 * co for ci, co, k in convs)

@@ -1,6 +1,5 @@
 """`rolekd run` end to end on a micro configuration: every stage, the report, kill and resume."""
 
-import importlib.util
 import json
 import math
 import os
@@ -42,8 +41,10 @@ pipeline:
   student: {model: resnet_tiny, w_bits: 4, a_bits: 4, method: iikd,
             train: {optimizer: adam, lr: 0.001, weight_decay: 1.0e-5}}
 """
-# the micro run's stages on two worker processes of one thread each (the default on 2 CPUs)
+# the killed-and-rerun run's stages on two worker processes of one thread each (the default on 2 CPUs); the
+# reference run has them one after another in this process, one thread each
 WORKERS = ["pipeline.workers=2", "train.threads=1"]
+INLINE = ["pipeline.workers=1", "train.threads=1"]
 STAGES = tuple(s.name for s in TABLE if not s.baseline or s.name in DEFAULT_BASELINES)  # what MICRO runs
 TRAINED = ("teacher", "vanilla_teacher", "student", "vanilla_student", "student_alpha", "only_kd",
            "student_teacher_schedule")
@@ -56,10 +57,11 @@ def accs(root, stage):
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
+    """The reference: the micro pipeline's stages one after another in this process (one worker)."""
     d = tmp_path_factory.mktemp("pipe")
     cfg = d / "micro.yaml"
     cfg.write_text(MICRO)
-    run_pipeline(cfg, [f"out={d / 'run'}"] + WORKERS)
+    run_pipeline(cfg, [f"out={d / 'run'}"] + INLINE)
     return cfg, d / "run"
 
 
@@ -286,16 +288,19 @@ def _alive(pid):
         return False
 
 
-def test_kill_at_any_point_and_rerun_completes_with_the_same_results(micro, tmp_path):
-    """Killed (SIGKILL) in the middle of a search, its workers die with it; a worker killed in the middle of a
-    KD training fails the run with one line (exit 1); the rerun resumes both and ends with the same results."""
-    cfg, ref_root = micro
-    root = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed(micro, tmp_path_factory):
+    """The micro pipeline as `rolekd run` on 2 worker processes, killed (SIGKILL) in the middle of the α search,
+    rerun, one worker killed in the middle of the stage-β student's training, rerun to the end: what happened at
+    each kill (for the test below) and the run directory."""
+    cfg, _ = micro
+    root = tmp_path_factory.mktemp("killed") / "run"
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "rolekd.cli", "run", str(cfg), f"out={root}"] + WORKERS
+    seen = {}
 
     def start_and_wait_for(marker):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -307,44 +312,105 @@ def test_kill_at_any_point_and_rerun_completes_with_the_same_results(micro, tmp_
 
     proc = start_and_wait_for(root / "alpha_search" / "search_state")
     workers = _workers_of(proc.pid)
-    assert workers, "no worker process found"
+    seen["workers"] = len(workers)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 30
     while any(map(_alive, workers)) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(map(_alive, workers)), "a worker outlived the killed run"
+    seen["outlived"] = sum(map(_alive, workers))
 
     proc = start_and_wait_for(root / "student" / "checkpoint" / "state.pt")
     os.kill(_workers_of(proc.pid)[0], signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 1, err[-2000:]
+    seen["worker_killed"] = (proc.returncode, err, (root / "report.md").exists())
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    seen["rerun"] = (done.returncode, done.stderr)
+    return root, seen
+
+
+def test_kill_at_any_point_and_rerun_completes_with_the_same_results(micro, killed):
+    """Killed (SIGKILL) in the middle of a search, its workers die with it; a worker killed in the middle of a
+    KD training fails the run with one line (exit 1); the rerun resumes both and ends with the same results as
+    the reference run (one worker in this process): the 2 worker processes and the one process, the kills and
+    the resumes change no number."""
+    _, ref_root = micro
+    root, seen = killed
+    assert seen["workers"], "no worker process found"
+    assert seen["outlived"] == 0, "a worker outlived the killed run"
+    rc, err, report = seen["worker_killed"]
+    assert rc == 1, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("rolekd: error: ") and "died" in last and "rerun" in last, err[-2000:]
-    assert not (root / "report.md").exists()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert not report
+    assert seen["rerun"][0] == 0, seen["rerun"][1][-2000:]
     same_results(ref_root, root)
 
 
-def test_one_worker_gives_the_same_results_as_two(micro, tmp_path):
-    """The stages in this process, one after another (one thread each, as the fixture's two workers)."""
+def _glibc() -> bool:
+    import platform
+
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def _runtimes(root) -> dict[str, dict]:
+    return {d: json.loads((root / d / "result.json").read_text())["runtime"]
+            for stage in TRAINED for d in (stage, f"{stage}_seed1")}
+
+
+def test_each_stage_trains_with_its_threads_layout_and_kept_memory_in_its_worker(killed):
+    """What each worker process trained with, from the stage's result.json: the thread count the pipeline gave
+    it (train.threads=1 on 2 workers), channels-last (train.channels_last=auto with one thread), and freed memory
+    kept in the worker (rolekd.runtime, glibc)."""
+    root, _ = killed
+    for d, rt in _runtimes(root).items():
+        assert rt == {"threads": 1, "channels_last": True, "freed_memory_kept": _glibc()}, d
+
+
+def test_the_default_thread_split_reaches_every_stage(micro, tmp_path, monkeypatch):
+    """Without train.threads, each stage's config gets the CPUs divided among the workers (4 CPUs: 2 workers x
+    2 threads; by default one worker per CPU, 1 thread each) -- the tasks the pipeline hands its executor."""
+    import rolekd.pipeline.graph as graph
+    import rolekd.pipeline.run as prun
+
+    cfg, _ = micro
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(tasks, executor, **kw):
+        executor.close()
+        seen["threads"] = {t.dir: t.config.train.threads for t in tasks}
+        raise Stop
+
+    monkeypatch.setattr(graph, "available_cpus", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(prun, "run_graph", capture)
+    for extra, want in ((["pipeline.workers=2"], 2), ([], 1)):
+        with pytest.raises(Stop):
+            run_pipeline(cfg, [f"out={tmp_path / f'run{want}'}"] + extra)
+        assert len(seen["threads"]) > 10 and set(seen["threads"].values()) == {want}, (extra, seen)
+
+
+def test_one_worker_trains_each_stage_in_this_process_on_its_threads(micro):
+    """The reference run (one worker): every stage in this process, which the suite runs with 2 torch threads,
+    trained on the stage's one thread (set and restored per stage), channels-last (auto with one thread); its
+    results equal the 2-worker run's (test_kill_at_any_point_and_rerun_completes_with_the_same_results)."""
+    import torch
+
+    _, root = micro
+    for d, rt in _runtimes(root).items():
+        assert rt["threads"] == 1 and rt["channels_last"] is True, d
+    assert torch.get_num_threads() == 2  # conftest's, restored after the run
+
+
+def test_stages_as_ray_tasks_give_the_same_results(micro, tmp_path, local_ray):
     cfg, ref_root = micro
-    run_pipeline(cfg, [f"out={tmp_path / 'run'}", "pipeline.workers=1", "train.threads=1"])
+    run_pipeline(cfg, [f"out={tmp_path / 'run'}", "pipeline.executor=ray", "train.threads=1"])
     same_results(ref_root, tmp_path / "run")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
-def test_stages_as_ray_tasks_give_the_same_results(micro, tmp_path):
-    import ray
-
-    cfg, ref_root = micro
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        run_pipeline(cfg, [f"out={tmp_path / 'run'}", "pipeline.executor=ray", "train.threads=1"])
-    finally:
-        ray.shutdown()
-    same_results(ref_root, tmp_path / "run")
+    for d, rt in _runtimes(tmp_path / "run").items():  # each Ray task trained on its planned one thread
+        assert rt["threads"] == 1 and rt["channels_last"] is True, d
 
 
 def test_a_failing_stage_is_one_line_and_the_finished_stages_stay(micro, tmp_path, monkeypatch, capsys):

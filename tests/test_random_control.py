@@ -265,8 +265,10 @@ def test_report_says_when_a_control_schedule_is_not_matched(tiny, tmp_path):
     shutil.copy(copy / "alpha_search" / "schedule.json",
                 copy / "teacher_random_schedule_seed1" / "random_schedule.json")
     learned([4, 0, 1, 5], 0).save(copy / "student_random_schedule" / "random_schedule.json")
+    # the same 11 active slots in all as A_S = [4, 0, 1, 6], in other epochs: matched in total, not epoch by epoch
+    learned([4, 1, 0, 6], 1).save(copy / "student_random_schedule_seed1" / "random_schedule.json")
     text = build_report(copy).read_text()
     assert ("**The random schedule of teacher with a random schedule matched to A_T is not a matched random "
             "schedule**: in seed run(s) 1 it is A_T (teacher) itself.") in text
     assert ("**The random schedule of KD + a random schedule matched to A_S is not a matched random schedule**: "
-            "in seed run(s) 0 it does not have A_S (student)'s number of active slots in every epoch.") in text
+            "in seed run(s) 0, 1 it does not have A_S (student)'s number of active slots in every epoch.") in text

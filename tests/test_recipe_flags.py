@@ -229,6 +229,35 @@ def test_batchnorm_momentum_and_eps_of_the_trained_model_and_the_teacher(tmp_pat
         kd.objective.close()
 
 
+# ------------------------------------------------------------------------------------------------ folded teacher
+def test_fold_teacher_bn_from_the_config_decides_which_network_the_teacher_forward_runs(tmp_path):
+    """``kd.fold_teacher_bn`` (default true) from ``key=value`` to the KD objective of a trainer built from the
+    config: true runs a BatchNorm-folded copy (the teacher's own modules never run, its logits equal within
+    rounding); false runs the teacher as trained, its logits bit for bit those of the teacher's own eval
+    forward."""
+    with Session() as s:
+        train_from_config(cfg_of("train.epochs=1", f"out={tmp_path / 'teacher'}"), session=s)
+        flags = ["train.epochs=1", "kd.method=soft", f"kd.teacher={tmp_path / 'teacher'}"]
+        x, _ = next(iter(build_trainer(cfg_of(*flags), s).train_loader))
+        logits = {}
+        for fold in ("default", "true", "false"):
+            tr = build_trainer(cfg_of(*flags, *([] if fold == "default" else [f"kd.fold_teacher_bn={fold}"])), s)
+            teacher = tr.objective.teacher.eval()
+            ran = []
+            hook = teacher.bn1.register_forward_hook(lambda *_: ran.append(1))
+            with torch.no_grad():
+                logits[fold] = tr.objective.forward_teacher(x).logits
+                own = teacher(x)
+            hook.remove()
+            assert len(ran) == (2 if fold == "false" else 1), fold  # the objective's forward + our own one
+            tr.objective.close()
+            if fold == "false":
+                assert torch.equal(logits[fold], own)
+            else:
+                torch.testing.assert_close(logits[fold], own, rtol=1e-4, atol=1e-5 * float(own.abs().max()))
+        assert torch.equal(logits["default"], logits["true"])
+
+
 # ------------------------------------------------------------------------------------------------ search cutout
 def test_search_cutout_applies_to_search_members_only(tmp_path):
     cfg = cfg_of("data.train_size=32", "data.val_size=32", "train.epochs=1", "search.epochs=1", "search.population=2",

@@ -44,14 +44,70 @@ def _probe(**env) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _touched_pages() -> int:
+    """The pages the probe's 20 counted rounds write (float32 tensors of its sizes, this machine's page size)."""
+    import resource
+
+    sizes = [1 << 19, 1 << 21, 1 << 20, 1 << 22, 3 << 19]
+    return 20 * sum(4 * n for n in sizes) // resource.getpagesize()
+
+
 @glibc
 def test_freed_memory_is_kept_so_later_steps_fault_no_pages():
     tuned, default = _probe(), _probe(ROLEKD_MALLOC="default")
     assert tuned["tuned"] is True and default["tuned"] is False
-    # 20 rounds of ~40 MB: glibc's default hands blocks back and faults pages in again (seen: 1,500 to
-    # 180,000 faults); kept, the rounds reuse the same pages
-    assert default["faults"] > 500, default
-    assert tuned["faults"] < 50, (tuned, default)
+    # 20 rounds of ~38 MB = 184,320 4-KB pages written. glibc's default hands the blocks back and faults the
+    # pages in again (seen: 183,680 faults, every page; and 1,500 on a machine with fewer, larger faults);
+    # kept, the rounds reuse the same pages (seen: 0 to 1,536 faults, from the interpreter and torch's own
+    # allocations). Both compared with what was measured here, never with an absolute count.
+    pages = _touched_pages()
+    assert tuned["faults"] * 10 <= default["faults"], (tuned, default)  # at least 10x fewer than the default
+    assert tuned["faults"] <= 0.02 * pages, (tuned, pages)  # at most 2% of the pages the rounds write
+
+
+def _probe_in_worker(malloc: str) -> dict:
+    """The probe run inside a pipeline worker process (rolekd.pipeline.graph.ProcessExecutor), as a stage runs."""
+    from rolekd.pipeline.graph import ProcessExecutor
+
+    old = os.environ.get("ROLEKD_MALLOC")
+    os.environ["ROLEKD_MALLOC"] = malloc
+    try:
+        ex = ProcessExecutor(1)
+        try:
+            return ex.pool.submit(_worker_probe).result(timeout=120)
+        finally:
+            ex.close()
+    finally:
+        if old is None:
+            os.environ.pop("ROLEKD_MALLOC")
+        else:
+            os.environ["ROLEKD_MALLOC"] = old
+
+
+def _worker_probe() -> dict:
+    """In a worker: run one stage's worth of setup as run_task does it (rolekd.pipeline.graph.run_task calls
+    keep_freed_memory before training), then the probe's rounds, counting faults."""
+    import resource
+
+    import torch
+
+    from rolekd.pipeline import graph
+
+    graph.keep_freed_memory()  # what run_task calls first; a worker that skipped it would fault every round
+    sizes = [1 << 19, 1 << 21, 1 << 20, 1 << 22, 3 << 19]
+
+    def round_():
+        held = [torch.ones(n) for n in sizes]
+        for t in held:
+            t.mul_(2)
+        del held
+    for _ in range(3):
+        round_()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        round_()
+    return {"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
+            "tuned": bool(graph.keep_freed_memory())}
 
 
 def test_worker_environment_adds_the_huge_page_tunable_and_keeps_the_users(monkeypatch):

@@ -2,7 +2,6 @@
 
 import ast
 import csv
-import importlib.util
 import json
 from collections import Counter
 
@@ -311,9 +310,12 @@ def test_same_seed_same_search_other_seed_other_search(reference, tmp_path):
     b = search_from_config(config(tmp_path / "b"), verbose=False)
     assert outputs(tmp_path / "b") == outputs(out)
     assert b["final_val_acc"] == s["final_val_acc"]
-    c = search_from_config(config(tmp_path / "c", "search.seed=1"), verbose=False)
-    assert outputs(tmp_path / "c")["rewards.csv"] != outputs(out)["rewards.csv"]
-    assert c["final_val_acc"] != s["final_val_acc"]
+    # another seed: other members' seeds from the first epoch on (2 of the 6 epochs suffice to see it)
+    search_from_config(config(tmp_path / "c", "search.seed=1", "search.epochs=2"), verbose=False)
+    first = [r for r in (tmp_path / "c" / "rewards.csv").read_text().splitlines()[1:] if r.startswith("1,")]
+    ref_first = [r for r in (out / "rewards.csv").read_text().splitlines()[1:] if r.startswith("1,")]
+    assert len(first) == len(ref_first) == 4
+    assert all(a != b for a, b in zip(first, ref_first))  # every member trained differently
 
 
 def test_member_seeds_and_configs():
@@ -431,20 +433,14 @@ def test_member_failing_twice_is_replaced_by_a_top_member(tmp_path, monkeypatch,
         assert lineage[2:] == [p for _, p in own]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
-def test_ray_executor_gives_the_same_search(reference, tmp_path):
-    import ray
-
+def test_ray_executor_gives_the_same_search(reference, tmp_path, local_ray):
     out, s = reference
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        # every member is a live actor: 4 members x 1 CPU do not fit 2 CPUs -> a clear error first
-        with pytest.raises(UserError, match="ray_num_cpus"):
-            search_from_config(config(tmp_path / "x", "search.executor=ray"), verbose=False)
-        r = search_from_config(config(tmp_path / "ray", "search.executor=ray", "search.ray_num_cpus=0.5"),
-                               verbose=False)
-    finally:
-        ray.shutdown()
+    # every member is a live actor: 4 members x 1 CPU do not fit 2 CPUs -> a clear error first
+    with pytest.raises(UserError, match="ray_num_cpus"):
+        search_from_config(config(tmp_path / "x", "search.executor=ray"), verbose=False)
+    r = search_from_config(config(tmp_path / "ray", "search.executor=ray", "search.ray_num_cpus=0.5"),
+                           verbose=False)
+    assert local_ray.is_initialized()  # the search left the shared instance running
     assert r["executor"] == "ray"
     assert outputs(tmp_path / "ray") == outputs(out)
     assert r["final_val_acc"] == s["final_val_acc"] and r["best_test_acc"] == s["best_test_acc"]

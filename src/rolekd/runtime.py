@@ -43,6 +43,11 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` took effect in this process (False before it is called)."""
+    return bool(_DONE and _DONE[0])
+
+
 def _tuned() -> bool:
     return os.environ.get("ROLEKD_MALLOC", "").lower() != "default" and platform.libc_ver()[0] == "glibc"
 

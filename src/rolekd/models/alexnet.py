@@ -44,6 +44,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from rolekd.errors import UserError
 from rolekd.models.common import QuantPoint
 from rolekd.models.registry import register_model
 
@@ -75,18 +76,21 @@ class AlexNetCifar(nn.Module):
     kd_taps = {"conv2": "conv2", "conv3": "conv3", "conv4": "conv4", "conv5": "conv5"}
     kd_embedding = "fc"
 
-    def __init__(self, num_classes: int = 10, tap_conv1: bool = False):
+    def __init__(self, num_classes: int = 10, tap_conv1: bool = False, width: float = 1.0):
         super().__init__()
-        self.conv1 = _conv_block(3, 64, 11, pool=True)
-        self.conv2 = _conv_block(64, 192, 5, pool=True)
-        self.conv3 = _conv_block(192, 384, 3, pool=False)
-        self.conv4 = _conv_block(384, 256, 3, pool=False)
-        self.conv5 = _conv_block(256, 256, 3, pool=True)
+        if not 0 < width <= 4:
+            raise UserError(f"alexnet: model.kwargs.width must be in (0, 4], got {width}")
+        c1, c2, c3, c4, c5, f = (max(1, round(c * width)) for c in (64, 192, 384, 256, 256, 4096))
+        self.conv1 = _conv_block(3, c1, 11, pool=True)
+        self.conv2 = _conv_block(c1, c2, 5, pool=True)
+        self.conv3 = _conv_block(c2, c3, 3, pool=False)
+        self.conv4 = _conv_block(c3, c4, 3, pool=False)
+        self.conv5 = _conv_block(c4, c5, 3, pool=True)
         self.flatten = nn.Flatten(1)
-        self.fc1 = _fc_block(256 * 4 * 4, 4096, quantize_output=True)
-        self.fc2 = _fc_block(4096, 4096, quantize_output=False)  # the authors leave fc's input unquantised
-        self.fc = nn.Linear(4096, num_classes, bias=False)
-        self.num_features = 4096
+        self.fc1 = _fc_block(c5 * 4 * 4, f, quantize_output=True)
+        self.fc2 = _fc_block(f, f, quantize_output=False)  # the authors leave fc's input unquantised
+        self.fc = nn.Linear(f, num_classes, bias=False)
+        self.num_features = f
         if tap_conv1:
             self.kd_taps = {"conv1": "conv1", **type(self).kd_taps}
         # The authors' initialiser: variance scaling (He, fan-in) for every conv and linear layer.
@@ -103,6 +107,7 @@ class AlexNetCifar(nn.Module):
 
 
 @register_model
-def alexnet(num_classes: int = 10, tap_conv1: bool = False) -> AlexNetCifar:
-    """CIFAR AlexNet with BN of the Role-KD authors' code (36.1M parameters)."""
-    return AlexNetCifar(num_classes, tap_conv1=tap_conv1)
+def alexnet(num_classes: int = 10, tap_conv1: bool = False, width: float = 1.0) -> AlexNetCifar:
+    """CIFAR AlexNet with BN of the Role-KD authors' code (36.1M parameters); ``width`` scales every layer's
+    channels and the FC width (``model.kwargs={width: 0.25}``: a 16x smaller network of the same layers)."""
+    return AlexNetCifar(num_classes, tap_conv1=tap_conv1, width=width)
