@@ -1,4 +1,5 @@
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +61,21 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def local_ray():
+def _ray_session():
+    """Shuts down, at the end of the session, the Ray that ``local_ray`` started (or left)."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_session):
     """One local Ray instance (2 CPUs, no dashboard) shared by every test that needs Ray (its start and its
-    workers' imports cost seconds each time); skips where Ray is not installed. rolekd finds it initialised
-    and neither starts nor stops it."""
+    workers' imports cost seconds each time), started again only after a test that needed another Ray (the
+    multi-node cluster's); skips where Ray is not installed. rolekd finds it initialised and neither starts nor
+    stops it."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()

@@ -405,12 +405,158 @@ def test_one_worker_trains_each_stage_in_this_process_on_its_threads(micro):
     assert torch.get_num_threads() == 2  # conftest's, restored after the run
 
 
-def test_stages_as_ray_tasks_give_the_same_results(micro, tmp_path, local_ray):
+def _start_cluster(where: Path, nodes: int = 2):
+    """Ray's multi-node test harness on this machine: a head without CPUs and ``nodes`` worker nodes of one CPU
+    each (separate raylets), started from ``where`` (as `ray start` on other machines, whose working directory
+    is not the run's)."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()  # the session's local Ray (conftest's local_ray starts it again for the tests that need it)
+    old = os.getcwd()
+    os.chdir(where)
+    try:
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        for _ in range(nodes):
+            c.add_node(num_cpus=1)
+        c.wait_for_nodes()
+    finally:
+        os.chdir(old)
+    return c
+
+
+def _stop_cluster(c) -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head and two one-CPU worker nodes (:func:`_start_cluster`), and the directory they started from."""
+    elsewhere = tmp_path_factory.mktemp("cluster_started_here")
+    c = _start_cluster(elsewhere)
+    yield c, elsewhere
+    _stop_cluster(c)
+
+
+def test_stages_on_the_nodes_of_a_cluster_write_under_out_and_give_one_workers_results(micro, cluster, tmp_path,
+                                                                                        monkeypatch):
+    """The micro pipeline as Ray tasks on a two-node cluster through search.ray_address, with out= relative to
+    this directory (not the cluster's): every stage writes under the run's out, both worker nodes trained stages
+    (the head has no CPUs), nothing lands where the cluster started, and the results are one worker's."""
+    c, elsewhere = cluster
     cfg, ref_root = micro
-    run_pipeline(cfg, [f"out={tmp_path / 'run'}", "pipeline.executor=ray", "train.threads=1"])
-    same_results(ref_root, tmp_path / "run")
-    for d, rt in _runtimes(tmp_path / "run").items():  # each Ray task trained on its planned one thread
+    monkeypatch.chdir(tmp_path)
+    run_pipeline(cfg, ["out=run", "pipeline.executor=ray", f"search.ray_address={c.address}", "train.threads=1",
+                       "pipeline.workers=2"])
+    root = tmp_path / "run"
+    same_results(ref_root, root)
+    ran_on = {r["ray_node"] for r in json.loads((root / "results.json").read_text()).values()}
+    assert ran_on == {n.node_id for n in c.worker_nodes}
+    assert not list(elsewhere.rglob("*.json"))
+    for d, rt in _runtimes(root).items():  # each Ray task trained on its planned one thread
         assert rt["threads"] == 1 and rt["channels_last"] is True, d
+
+
+def test_a_node_that_does_not_see_the_run_directory_stops_the_run_with_one_line(micro, cluster, tmp_path,
+                                                                                monkeypatch, capsys):
+    """As if the nodes had other storage mounted at the run's path (they read another file there than the one
+    this driver wrote): the first stage fails on its node before training, one line naming the node and the
+    path, exit 2, and no stage has results."""
+    import rolekd.pipeline.graph as graph
+
+    c, _ = cluster
+    cfg, _ = micro
+    real = graph.SharedRoot.write
+
+    def other_storage(root):
+        s = real(root)
+        return graph.SharedRoot(s.cwd, s.probe, "the token another driver wrote")
+
+    monkeypatch.setattr(graph.SharedRoot, "write", staticmethod(other_storage))
+    root = tmp_path / "run"
+    rc = main(["run", str(cfg), f"out={root}", "pipeline.executor=ray", f"search.ray_address={c.address}"])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("rolekd:")]  # Ray's own lines aside
+    assert rc == 2 and len(err) == 1, err
+    assert re.search(r"stage \w+: node [\d.]+ \(id \w+\) cannot read \S+/run/\.rolekd-shared as the driver wrote it: "
+                     r"the run directory must be on storage every node shares", err[0]), err
+    assert not list(root.rglob("result.json")) and not list(root.rglob("search.json"))
+
+
+def test_a_stage_whose_results_are_missing_is_an_error_not_an_empty_report(micro, tmp_path, capsys):
+    """A finished stage (results.json) whose result.json is not under the run directory (written on a node that
+    did not share it): `rolekd report` says so in one line, exit 2, and writes no report; the pipeline's own
+    check after the last stage likewise (exit 1)."""
+    from rolekd.errors import RunFailed
+    from rolekd.pipeline.graph import Task
+    from rolekd.pipeline.run import check_stage_results
+
+    _, ref_root = micro
+    root = tmp_path / "run"
+    shutil.copytree(ref_root, root)
+    (root / "report.md").unlink()
+    (root / "student_seed1" / "result.json").unlink()
+    assert main(["report", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stage student_seed1 finished (results.json) but" in err[0] and \
+        "student_seed1/result.json is missing" in err[0], err
+    assert not (root / "report.md").exists()
+    cfg = load_config(root / "student_seed1" / "config.yaml")
+    results = json.loads((root / "results.json").read_text())
+    with pytest.raises(RunFailed, match="stage student_seed1 finished on Ray node abc but .* does not exist"):
+        check_stage_results(root, [Task("student_seed1", "train", cfg)], {"student_seed1": {"ray_node": "abc"}})
+    check_stage_results(root, [Task("student", "train", cfg)], results)  # present: no error
+
+
+@pytest.mark.slow
+def test_a_lost_nodes_stage_is_retried_on_another_node_and_the_run_completes_the_same(micro, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """A worker node removed while it trains the β search (every CPU of its node gone with it) and a new node
+    added: the search is retried on another node, resumes from its last checkpoint, the progress line says so,
+    the new node gets work, and the results are an undisturbed run's. (Slow: its own cluster; run with -m slow.)"""
+    import threading
+
+    cfg, _ = micro
+    longer = ["search.epochs=8", "train.threads=1"]  # a β search long enough to lose its node in the middle
+    ref_root = tmp_path / "ref"
+    run_pipeline(cfg, [f"out={ref_root}", "pipeline.workers=1", *longer])  # undisturbed, one worker
+    c = _start_cluster(tmp_path)
+    try:
+        root = tmp_path / "run"
+        errors = []
+
+        def go():
+            try:
+                run_pipeline(cfg, [f"out={root}", "pipeline.executor=ray", f"search.ray_address={c.address}",
+                                   "pipeline.workers=2", *longer])
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        t = threading.Thread(target=go)
+        t.start()
+        attempts = root / ".rolekd-attempts" / "beta_search.txt"
+        state = root / "beta_search" / "search_state" / "LATEST"  # the search's first checkpoint (a round's end)
+        deadline = time.time() + 300
+        while not (attempts.is_file() and state.exists()) and time.time() < deadline and t.is_alive():
+            time.sleep(0.05)
+        assert attempts.is_file() and state.exists(), errors
+        lost = attempts.read_text().split()[0]
+        c.remove_node(next(n for n in c.worker_nodes if n.node_id == lost), allow_graceful=False)
+        added = c.add_node(num_cpus=1)
+        t.join(600)
+        assert not t.is_alive() and not errors, errors
+        out = capsys.readouterr().out
+        assert re.search(r"beta_search was retried on node \w+ after its node \(" + lost[:12] + r"\) was lost", out)
+        same_results(ref_root, root)
+        results = json.loads((root / "results.json").read_text())
+        assert results["beta_search"]["ray_node"] != lost and results["beta_search"]["ray_attempts"][0] == lost
+        assert added.node_id in {r["ray_node"] for r in results.values()}
+    finally:
+        _stop_cluster(c)
 
 
 def test_a_failing_stage_is_one_line_and_the_finished_stages_stay(micro, tmp_path, monkeypatch, capsys):

@@ -10,7 +10,12 @@ the teacher exists, only-KD, KD + A_T, the vanilla baselines and every seed of e
   own, runs torch with the stage's ``train.threads`` and, where several GPUs are visible, one GPU each;
   each dies with this process);
 * ``ray``: each run a Ray task (``search.ray_address``, or a local Ray) with ``pipeline.ray_num_cpus`` /
-  ``pipeline.ray_num_gpus``.
+  ``pipeline.ray_num_gpus``, on whichever node has them. A Ray stage runs in the driver's working directory
+  (so the stage configs' paths mean on every node what they mean here), after checking that its node reads
+  the file the driver wrote under the run root (:class:`SharedRoot`) and finds ``data.path``: the run root
+  must be on storage every node shares, mounted at the same path (docs/CLUSTER.md). A stage whose node is
+  lost is retried on another node (``RAY_STAGE_RETRIES`` times) and resumes from its last checkpoint; the
+  progress line says so.
 
 Each run is an ordinary resumable run in its own locked directory, so the workers change nothing in
 what a run computes (given its threads): a rerun resumes whatever was interrupted. Among the runs that
@@ -25,11 +30,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 import ctypes
+import json
 import multiprocessing as mp
 import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -229,18 +236,95 @@ class ProcessExecutor:
             os.environ["GLIBC_TUNABLES"] = self._tunables
 
 
-class RayStageExecutor:
-    """Each task a Ray task on ``search.ray_address`` (or a local Ray started here)."""
+RAY_STAGE_RETRIES = 3  # a Ray stage task lost with its node or worker process is retried this often
 
-    def __init__(self, address: str | None, num_cpus: float, num_gpus: float, slots: int):
+
+@dataclass(frozen=True)
+class SharedRoot:
+    """What a Ray stage checks on its node before it trains: the driver's working directory (where the stage
+    configs' relative paths start) and a probe file the driver wrote under the pipeline's run root, holding a
+    token fresh for each invocation."""
+
+    cwd: str
+    probe: str  # absolute path of the probe file
+    token: str
+
+    @classmethod
+    def write(cls, root: Path) -> "SharedRoot":
+        """Write the probe under ``root`` (and forget the attempts of an earlier invocation)."""
+        root = Path(root).resolve()
+        probe = root / ".rolekd-shared"
+        token = uuid.uuid4().hex
+        probe.write_text(token)
+        attempts = root / ".rolekd-attempts"
+        if attempts.is_dir():
+            for f in attempts.iterdir():
+                f.unlink()
+        return cls(os.getcwd(), str(probe), token)
+
+    def check(self, where: str) -> None:
+        """One UserError line naming the node and the path when this node does not see the run root."""
+        try:
+            seen = Path(self.probe).read_text()
+        except OSError:
+            seen = None
+        if seen != self.token:
+            raise UserError(f"{where} cannot read {self.probe} as the driver wrote it: the run directory must be on "
+                            f"storage every node shares, mounted at the same path (docs/CLUSTER.md)")
+        if not os.path.isdir(self.cwd):
+            raise UserError(f"{where} has no directory {self.cwd} (the driver's working directory, where the stages' "
+                            f"paths start): mount the shared storage at the same path on every node, or give out= "
+                            f"and data.path as absolute paths on it (docs/CLUSTER.md)")
+
+    def attempt(self, name: str, node: str) -> list[str]:
+        """Record that stage run ``name`` starts on ``node``; every node it started on in this invocation."""
+        d = Path(self.probe).parent / ".rolekd-attempts"
+        d.mkdir(exist_ok=True)
+        f = d / f"{name}.txt"
+        with open(f, "a") as fh:
+            fh.write(node + "\n")
+        return f.read_text().split()
+
+
+def run_ray_stage(task: Task, shared: SharedRoot) -> dict:
+    """A Ray stage task: check that this node sees the run root and the data, run the stage in the driver's
+    working directory, and return its result with the node it ran on (``ray_node``) and every node this
+    invocation started it on (``ray_attempts``: more than one after a lost node)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    where = f"node {ray.util.get_node_ip_address()} (id {node[:12]})"
+    shared.check(where)
+    data = task.config.data.path
+    if data and not Path(shared.cwd, os.path.expanduser(data)).exists():
+        raise UserError(f"{where}: data.path {data} not found on this node (relative to {shared.cwd}): put the "
+                        f"dataset on storage every node shares, or use a dataset torchvision downloads "
+                        f"(docs/CLUSTER.md)")
+    attempts = shared.attempt(task.dir, node)
+    old = os.getcwd()
+    os.chdir(shared.cwd)
+    try:
+        result = run_task(task)
+    finally:
+        os.chdir(old)
+    return {**result, "ray_node": node, "ray_attempts": attempts}
+
+
+class RayStageExecutor:
+    """Each task a Ray task (:func:`run_ray_stage`) on ``search.ray_address`` (or a local Ray started here).
+    ``root``: the pipeline's run root, on storage every node shares."""
+
+    def __init__(self, address: str | None, num_cpus: float, num_gpus: float, slots: int, root: Path | None = None):
         self.ray, self.started = connect_ray(address)
-        self.remote = self.ray.remote(run_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+        self.remote = self.ray.remote(run_ray_stage).options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                                             max_retries=RAY_STAGE_RETRIES)
+        self.shared = SharedRoot.write(root if root is not None else Path.cwd())
         self.slots = slots
         self.refs: dict[Any, cf.Future] = {}
 
     def submit(self, task: Task) -> cf.Future:
         fut: cf.Future = cf.Future()
-        self.refs[self.remote.remote(task)] = fut
+        self.refs[self.remote.remote(task, self.shared)] = fut
         return fut
 
     def wait(self, futures, timeout=None):
@@ -256,7 +340,9 @@ class RayStageExecutor:
                     cause = getattr(e, "cause", None)
                     fut.set_exception(cause if isinstance(cause, BaseException) else RunFailed(str(e).splitlines()[0]))
                 except ray.exceptions.RayError as e:
-                    fut.set_exception(RunFailed(f"a Ray worker was lost ({type(e).__name__})"))
+                    fut.set_exception(RunFailed(f"Ray lost the task and its retries ({type(e).__name__}: "
+                                                f"{str(e).splitlines()[0][:160] if str(e) else ''}); rerun the same "
+                                                f"command to resume"))
         done = {f for f in futures if f.done()}
         return done, set(futures) - done
 
@@ -306,7 +392,7 @@ def plan(cfg: Config, n_tasks: int) -> Plan:
     return Plan("inline" if workers == 1 else "local", workers, threads, gpus)
 
 
-def make_executor(cfg: Config, pl: Plan, session: Session):
+def make_executor(cfg: Config, pl: Plan, session: Session, root: Path | None = None):
     if pl.executor == "inline":
         return InlineExecutor(session)
     if pl.executor == "local":
@@ -314,7 +400,7 @@ def make_executor(cfg: Config, pl: Plan, session: Session):
     p = cfg.pipeline
     cpus = p.ray_num_cpus if p.ray_num_cpus is not None else float(pl.threads or 1)
     gpus = p.ray_num_gpus if p.ray_num_gpus is not None else (1.0 if pl.gpus else 0.0)
-    return RayStageExecutor(cfg.search.ray_address, cpus, gpus, pl.workers)
+    return RayStageExecutor(cfg.search.ray_address, cpus, gpus, pl.workers, root if root is not None else cfg.run_dir())
 
 
 # ---------------------------------------------------------------------------------------- the runner
@@ -370,6 +456,11 @@ def run_graph(tasks: Sequence[Task], executor, on_done: Callable[[str, dict], No
                          + (f"; waiting for {', '.join(running.values())}" if running else ""))
                     continue
                 results[d] = fut.result()
+                tries = results[d].get("ray_attempts") or []
+                if len(tries) > 1:
+                    lost = "its worker process" if tries[-2] == tries[-1] else f"its node ({tries[-2][:12]})"
+                    _say(f"{d} was retried on node {tries[-1][:12]} after {lost} was lost; it resumed from its last "
+                         f"checkpoint")
                 _say(f"done {d} in {time.time() - started[d]:.0f} s ({len(results)}/{total} done)")
                 if on_done is not None:
                     try:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, derive, load_config
-from ..errors import OutOfMemory, UserError
+from ..errors import OutOfMemory, RunFailed, UserError
 from ..experiment import Session, check_config, check_run_dir, load_schedule, prepare_run_dir
 from ..files import RunLock, atomic_write
 from ..provenance import record_code
@@ -105,6 +105,23 @@ def stretch_warnings(runs: list[StageRun]) -> list[str]:
     return out
 
 
+def stage_result_file(root: Path, d: str, kind: str) -> Path:
+    """Where stage run ``d`` of a pipeline rooted at ``root`` keeps its results."""
+    return Path(root) / d / ("search.json" if kind == "search" else "result.json")
+
+
+def check_stage_results(root: Path, tasks, results: dict) -> None:
+    """Every stage that finished has its results under the run root, where the report reads them: else one
+    RunFailed line (a stage that ran on a node that wrote elsewhere, e.g. under its own working directory)."""
+    for t in tasks:
+        f = stage_result_file(root, t.dir, t.kind)
+        if t.dir in results and not f.is_file():
+            node = results[t.dir].get("ray_node")
+            raise RunFailed(f"stage {t.dir} finished{f' on Ray node {node[:12]}' if node else ''} but {f} does not "
+                            f"exist: its results were written elsewhere; the run directory must be on storage "
+                            f"every node shares, mounted at the same path (docs/CLUSTER.md)")
+
+
 def stage_configs(cfg: Config, root: Path | None = None) -> dict[str, Config]:
     """The config of every run the pipeline makes, by run directory name, in order."""
     return {r.dir: r.config for r in stage_runs(cfg, root)}
@@ -151,13 +168,15 @@ def run_pipeline(config: Config | str | Path | None = None, overrides: list[str]
                 check_random_controls(runs)  # as soon as a learned schedule exists, before its control starts
         with Session() as session:
             try:
-                results = run_graph(tasks, make_executor(cfg, pl, session), on_done=after, on_last=warm_up_report)
+                results = run_graph(tasks, make_executor(cfg, pl, session, root), on_done=after,
+                                    on_last=warm_up_report)
             except OutOfMemory as e:
                 if pl.workers > max(1, pl.gpus):  # several stages shared a device
                     shared = "the GPU" if pl.gpus <= 1 else f"{pl.gpus} GPUs"
                     raise OutOfMemory(str(e).replace("; then rerun", f" or pipeline.workers (now {pl.workers}: the "
                                                      f"stages running at once share {shared}); then rerun")) from None
                 raise
+        check_stage_results(root, tasks, results)
         atomic_write(root / "results.json", json.dumps(results, indent=2, default=str))
         report = build_report(root)
     print(f"report: {report}")

@@ -79,6 +79,16 @@ def collect(root: str | Path) -> dict:
         cfg = validate_config(yaml.safe_load(cfg_file.read_text()) or {}, str(cfg_file))
     except yaml.YAMLError:
         raise UserError(f"{cfg_file} is not valid YAML: rerun `rolekd run` with the pipeline's config") from None
+    finished = _read_json(root / "results.json")  # the stages the pipeline finished (written after the last one)
+    if isinstance(finished, dict):
+        for d, res in finished.items():
+            kinds = [st.kind for st in STAGES if d == st.name or d.startswith(st.name + "_seed")]
+            f = root / d / ("search.json" if kinds[:1] == ["search"] else "result.json")
+            if not f.is_file():
+                node = res.get("ray_node") if isinstance(res, dict) else None
+                raise UserError(f"{root}: stage {d} finished{f' on Ray node {node[:12]}' if node else ''} "
+                                f"(results.json) but {f} is missing: its results were written elsewhere; the run "
+                                f"directory must be on storage every node shares (docs/CLUSTER.md)")
     # stage -> results of seed 0, 1, ... (None where missing), each with its run directory's name (_dir) and
     # the rows of its metrics.jsonl (_rows); the first found also with its config.yaml (_config)
     runs: dict[str, list[dict]] = {}
