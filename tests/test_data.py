@@ -52,9 +52,11 @@ def test_full_train_size_trains_on_the_reduced_splits_training_images():
         np.random.shuffle(perm)
         assert torch.equal(train.labels, bundle.train.labels[perm[:300]])
         assert torch.equal(train.images, bundle.train.images[perm[:300]])
-        search, _ = data_splits(load_config(None, ["data.split=reduced", "data.train_size=300", "data.val_size=500"]),
-                                bundle)
+        search, split = data_splits(load_config(None, ["data.split=reduced", "data.train_size=300",
+                                                       "data.val_size=500"]), bundle)
         assert torch.equal(search.images, train.images)
+        # a search validates on exactly data.val_size images: the next 500 of the permutation
+        assert torch.equal(split["val"].images, bundle.train.images[perm[300:800]])
         assert list(evals) == ["test"] and len(evals["test"]) == len(bundle.test)
         whole, _ = data_splits(load_config(None, []), bundle)
         assert len(whole) == len(bundle.train) == 4000

@@ -316,6 +316,8 @@ def test_same_seed_same_search_other_seed_other_search(reference, tmp_path):
     ref_first = [r for r in (out / "rewards.csv").read_text().splitlines()[1:] if r.startswith("1,")]
     assert len(first) == len(ref_first) == 4
     assert all(a != b for a, b in zip(first, ref_first))  # every member trained differently
+    # within a search every member has its own seed: from the same all-zero policy, four different first epochs
+    assert len({r.split(",", 2)[2] for r in ref_first}) == 4
 
 
 def test_member_seeds_and_configs():

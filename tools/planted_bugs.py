@@ -9,7 +9,8 @@ must catch it. The checkout (tracked and untracked files, not ignored ones) is c
 directory beside a link to ``../shared``; for each bug the file is changed there, the named tests run with
 ``python -m pytest -x -q`` on the copy's ``src`` (first on ``PYTHONPATH``, ahead of an installed rolekd), and
 the file is restored. First the named tests run once without any bug: they must pass. A bug is *caught* when
-its tests fail (pytest exit status 1); an error before any test ran (collection, exit 2-4) is reported as
+its tests fail (pytest exit status 1; an entry with ``slow: true`` runs its tests although they are marked
+slow); an error before any test ran (collection, exit 2-4) is reported as
 such, not counted as caught. Slow by design (minutes): run by hand before cutting or reshaping tests.
 """
 
@@ -61,10 +62,11 @@ def copy_checkout(dst: Path) -> Path:
     return main
 
 
-def pytest(main: Path, tests: list[str]) -> tuple[int, float, str]:
+def pytest(main: Path, tests: list[str], slow: bool = False) -> tuple[int, float, str]:
     env = dict(os.environ, PYTHONPATH=str(main / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+    marks = ["-m", ""] if slow else []  # named tests marked slow run too (the suite's addopts deselect them)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *marks, *tests],
                           cwd=main, env=env, capture_output=True, text=True)
     tail = [x for x in (done.stdout + done.stderr).strip().splitlines() if x.strip()]
     return done.returncode, time.time() - t0, tail[-1] if tail else ""
@@ -90,7 +92,7 @@ def main() -> int:
         main_dir = copy_checkout(Path(tmp))
         if not a.no_clean:
             tests = sorted({t for b in bugs for t in b["tests"]})
-            rc, secs, last = pytest(main_dir, tests)
+            rc, secs, last = pytest(main_dir, tests, any(b.get("slow") for b in bugs))
             print(f"without bugs: exit {rc} in {secs:.0f} s ({last})", flush=True)
             if rc != 0:
                 print("the tests fail without any bug: fix them first")
@@ -101,7 +103,7 @@ def main() -> int:
             original = path.read_text()
             path.write_text(original.replace(b["find"], b["replace"], 1))
             try:
-                rc, secs, last = pytest(main_dir, b["tests"])
+                rc, secs, last = pytest(main_dir, b["tests"], bool(b.get("slow")))
             finally:
                 path.write_text(original)
             verdict = "caught" if rc == 1 else ("SURVIVED" if rc == 0 else f"error (exit {rc})")
