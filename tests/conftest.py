@@ -1,4 +1,5 @@
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -9,7 +10,18 @@ import torch
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "rolekd" / "data" / "cifar10_sample.npz"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
-torch.set_num_threads(2)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject.toml): one test process per CPU this process may use (its affinity: a suite pinned
+    with taskset runs in one), at most 4 (each may start its own Ray)."""
+    from rolekd.config import available_cpus
+
+    return max(1, min(4, available_cpus()))
+
+
+# Two threads per test process; one each when pytest-xdist runs the suite in several processes (the README's
+# command runs one per CPU: -n auto in pyproject.toml), so that they do not oversubscribe the cores.
+SUITE_THREADS = 2 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= 1 else 1
+torch.set_num_threads(SUITE_THREADS)
 
 
 def _decode(n: int) -> np.ndarray:
@@ -77,5 +89,6 @@ def local_ray(_ray_session):
     stops it."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # a new instance of this process's own, never another process's (a cluster a test started elsewhere)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray

@@ -16,25 +16,37 @@ glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
                            reason="glibc's allocator only")
 
 # A step's worth of tensors of several sizes (2-16 MB, as a batch's activations), made, written and freed
-# again and again; the minor page faults of the later rounds are counted.
-_PROBE = r"""
-import json, resource, sys
-import torch
+# again and again; the minor page faults of the later rounds are counted. One definition, run in a fresh
+# process (_probe) and inside a pipeline worker (_worker_probe).
+_SIZES = [1 << 19, 1 << 21, 1 << 20, 1 << 22, 3 << 19]  # floats
+
+
+def _count_round_faults() -> int:
+    """Three warm-up rounds, then the minor page faults of 20 counted rounds."""
+    import resource
+
+    import torch
+
+    def round_():
+        held = [torch.ones(n) for n in _SIZES]
+        for t in held:
+            t.mul_(2)
+        del held
+    for _ in range(3):
+        round_()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        round_()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+_PROBE = f"""
+import json, sys
 from rolekd.runtime import keep_freed_memory
 tuned = keep_freed_memory()
-sizes = [1 << 19, 1 << 21, 1 << 20, 1 << 22, 3 << 19]  # floats
-def round_():
-    held = [torch.ones(n) for n in sizes]
-    for t in held:
-        t.mul_(2)
-    del held
-for _ in range(3):
-    round_()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    round_()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"tuned": tuned, "faults": faults}))
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from test_runtime import _count_round_faults
+print(json.dumps({{"tuned": tuned, "faults": _count_round_faults()}}))
 """
 
 
@@ -48,8 +60,7 @@ def _touched_pages() -> int:
     """The pages the probe's 20 counted rounds write (float32 tensors of its sizes, this machine's page size)."""
     import resource
 
-    sizes = [1 << 19, 1 << 21, 1 << 20, 1 << 22, 3 << 19]
-    return 20 * sum(4 * n for n in sizes) // resource.getpagesize()
+    return 20 * sum(4 * n for n in _SIZES) // resource.getpagesize()
 
 
 @glibc
@@ -87,27 +98,10 @@ def _probe_in_worker(malloc: str) -> dict:
 def _worker_probe() -> dict:
     """In a worker: run one stage's worth of setup as run_task does it (rolekd.pipeline.graph.run_task calls
     keep_freed_memory before training), then the probe's rounds, counting faults."""
-    import resource
-
-    import torch
-
     from rolekd.pipeline import graph
 
     graph.keep_freed_memory()  # what run_task calls first; a worker that skipped it would fault every round
-    sizes = [1 << 19, 1 << 21, 1 << 20, 1 << 22, 3 << 19]
-
-    def round_():
-        held = [torch.ones(n) for n in sizes]
-        for t in held:
-            t.mul_(2)
-        del held
-    for _ in range(3):
-        round_()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(20):
-        round_()
-    return {"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
-            "tuned": bool(graph.keep_freed_memory())}
+    return {"faults": _count_round_faults(), "tuned": bool(graph.keep_freed_memory())}
 
 
 def test_worker_environment_adds_the_huge_page_tunable_and_keeps_the_users(monkeypatch):

@@ -7,7 +7,7 @@
 Each entry names a file, an exact text that occurs once in it, its replacement (the bug) and the tests that
 must catch it. The checkout (tracked and untracked files, not ignored ones) is copied once to a temporary
 directory beside a link to ``../shared``; for each bug the file is changed there, the named tests run with
-``python -m pytest -x -q`` on the copy's ``src`` (first on ``PYTHONPATH``, ahead of an installed rolekd), and
+``python -m pytest -x -q -n 0`` on the copy's ``src`` (first on ``PYTHONPATH``, ahead of an installed rolekd), and
 the file is restored. First the named tests run once without any bug: they must pass. A bug is *caught* when
 its tests fail (pytest exit status 1; an entry with ``slow: true`` runs its tests although they are marked
 slow); an error before any test ran (collection, exit 2-4) is reported as
@@ -66,7 +66,8 @@ def pytest(main: Path, tests: list[str], slow: bool = False) -> tuple[int, float
     env = dict(os.environ, PYTHONPATH=str(main / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
     marks = ["-m", ""] if slow else []  # named tests marked slow run too (the suite's addopts deselect them)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *marks, *tests],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *marks,
+                           *tests],
                           cwd=main, env=env, capture_output=True, text=True)
     tail = [x for x in (done.stdout + done.stderr).strip().splitlines() if x.strip()]
     return done.returncode, time.time() - t0, tail[-1] if tail else ""
