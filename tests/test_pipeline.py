@@ -394,32 +394,39 @@ def test_the_default_thread_split_reaches_every_stage(micro, tmp_path, monkeypat
 
 
 def test_one_worker_trains_each_stage_in_this_process_on_its_threads(micro):
-    """The reference run (one worker): every stage in this process, which the suite runs with 2 torch threads,
-    trained on the stage's one thread (set and restored per stage), channels-last (auto with one thread); its
-    results equal the 2-worker run's (test_kill_at_any_point_and_rerun_completes_with_the_same_results)."""
+    """The reference run (one worker): every stage in this process, which the suite runs with conftest's torch
+    threads, trained on the stage's one thread (set and restored per stage), channels-last (auto with one
+    thread); its results equal the 2-worker run's (test_kill_at_any_point_and_rerun_completes_with_the_same_results)."""
     import torch
 
     _, root = micro
     for d, rt in _runtimes(root).items():
         assert rt["threads"] == 1 and rt["channels_last"] is True, d
-    assert torch.get_num_threads() == 2  # conftest's, restored after the run
+    from conftest import SUITE_THREADS
+
+    assert torch.get_num_threads() == SUITE_THREADS  # conftest's, restored after the run
 
 
-def _start_cluster(where: Path, nodes: int = 2):
+def _start_cluster(where: Path, nodes: int = 2, without_rolekd: int = 0):
     """Ray's multi-node test harness on this machine: a head without CPUs and ``nodes`` worker nodes of one CPU
     each (separate raylets), started from ``where`` (as `ray start` on other machines, whose working directory
-    is not the run's)."""
+    is not the run's); the last ``without_rolekd`` of them cannot import rolekd (as a machine where it is not
+    installed: a ``rolekd`` package that is not found comes first on their PYTHONPATH)."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()  # the session's local Ray (conftest's local_ray starts it again for the tests that need it)
+    hide = where / "no_rolekd_here"
+    (hide / "rolekd").mkdir(parents=True, exist_ok=True)
+    (hide / "rolekd" / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'rolekd\'", name="rolekd")\n')
     old = os.getcwd()
     os.chdir(where)
     try:
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-        for _ in range(nodes):
-            c.add_node(num_cpus=1)
+        for k in range(nodes):
+            env = {"PYTHONPATH": str(hide)} if k >= nodes - without_rolekd else None
+            c.add_node(num_cpus=1, env_vars=env)
         c.wait_for_nodes()
     finally:
         os.chdir(old)
@@ -436,9 +443,10 @@ def _stop_cluster(c) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A head and two one-CPU worker nodes (:func:`_start_cluster`), and the directory they started from."""
+    """A head and two one-CPU worker nodes (:func:`_start_cluster`), the second without rolekd, and the
+    directory they started from."""
     elsewhere = tmp_path_factory.mktemp("cluster_started_here")
-    c = _start_cluster(elsewhere)
+    c = _start_cluster(elsewhere, without_rolekd=1)
     yield c, elsewhere
     _stop_cluster(c)
 
@@ -447,7 +455,8 @@ def test_stages_on_the_nodes_of_a_cluster_write_under_out_and_give_one_workers_r
                                                                                         monkeypatch):
     """The micro pipeline as Ray tasks on a two-node cluster through search.ray_address, with out= relative to
     this directory (not the cluster's): every stage writes under the run's out, both worker nodes trained stages
-    (the head has no CPUs), nothing lands where the cluster started, and the results are one worker's."""
+    (the head has no CPUs), the node without rolekd too (the driver's rolekd is sent with the job), nothing
+    lands where the cluster started, and the results are one worker's."""
     c, elsewhere = cluster
     cfg, ref_root = micro
     monkeypatch.chdir(tmp_path)
@@ -460,6 +469,20 @@ def test_stages_on_the_nodes_of_a_cluster_write_under_out_and_give_one_workers_r
     assert not list(elsewhere.rglob("*.json"))
     for d, rt in _runtimes(root).items():  # each Ray task trained on its planned one thread
         assert rt["threads"] == 1 and rt["channels_last"] is True, d
+
+
+def test_a_node_without_rolekd_stops_the_run_with_one_line_when_the_code_is_not_sent(micro, cluster, tmp_path,
+                                                                                     capsys):
+    """search.ray_ship_code=false (each node imports its own rolekd): the node where it is not installed fails
+    its stage with one line naming the node and what to install, exit 2."""
+    c, _ = cluster
+    cfg, _ = micro
+    rc = main(["run", str(cfg), f"out={tmp_path / 'run'}", "pipeline.executor=ray", f"search.ray_address={c.address}",
+               "search.ray_ship_code=false", "pipeline.workers=2", "train.threads=1"])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("rolekd:")]  # Ray's own lines aside
+    assert rc == 2 and len(err) == 1, err
+    assert re.search(r"node [\d.]+ cannot import rolekd \(no module named rolekd\): install rolekd \S+ on every "
+                     r"node, or leave search.ray_ship_code=true", err[0]), err
 
 
 def test_a_node_that_does_not_see_the_run_directory_stops_the_run_with_one_line(micro, cluster, tmp_path,
@@ -737,3 +760,52 @@ def test_the_report_names_the_code_that_ran(micro):
         assert f"- code: git {sha.strip()}" in report
     else:
         assert rows[0]["commit"] is None and "(not a git checkout)" in report
+
+
+@pytest.mark.slow
+def test_a_lost_head_stops_the_run_with_one_line_and_a_rerun_resumes_to_the_same_results(micro, tmp_path):
+    """The cluster's head killed while the α search runs: the run stops with one line that says to rerun (not
+    Ray's own exit a minute later); the cluster started again, the same command resumes and ends with an
+    undisturbed run's results. (Slow: two clusters; run with -m slow.)"""
+    import threading
+
+    from rolekd.errors import RunFailed
+
+    cfg, ref_root = micro
+    root = tmp_path / "run"
+    argv = [f"out={root}", "pipeline.executor=ray", "pipeline.workers=2", "train.threads=1"]
+    c = _start_cluster(tmp_path)
+    errors = []
+    try:
+        def go():
+            try:
+                run_pipeline(cfg, argv + [f"search.ray_address={c.address}"])
+            except BaseException as e:  # noqa: BLE001 - checked below
+                errors.append(e)
+
+        t = threading.Thread(target=go, daemon=True)
+        t.start()
+        state = root / "alpha_search" / "search_state" / "LATEST"  # the search's first checkpoint
+        deadline = time.time() + 300
+        while not state.exists() and time.time() < deadline and t.is_alive():
+            time.sleep(0.05)
+        assert state.exists(), errors
+        lost = time.time()
+        # killed, not removed (the harness refuses to remove the node this driver is connected to)
+        c.head_node.kill_all_processes(check_alive=False, allow_graceful=False)
+        t.join(120)
+        assert not t.is_alive()
+        assert time.time() - lost < 60  # before Ray's own driver gives up on its head
+    finally:
+        _stop_cluster(c)
+    assert len(errors) == 1 and isinstance(errors[0], RunFailed), errors
+    msg = str(errors[0])
+    assert "\n" not in msg and re.match(r"lost the Ray cluster's head at search.ray_address=\S+ \(no answer for \d+ "
+                                         r"s\).*rerun the same command, it resumes", msg), msg
+    time.sleep(2)  # the old nodes' stage processes gone (they held their run directories' locks)
+    c = _start_cluster(tmp_path / "again")
+    try:
+        run_pipeline(cfg, argv + [f"search.ray_address={c.address}"])
+    finally:
+        _stop_cluster(c)
+    same_results(ref_root, root)

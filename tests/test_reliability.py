@@ -591,6 +591,8 @@ def test_ray_actor_threads_and_local_ray_cpus(monkeypatch):
     ex.ray = FakeRay
     ex._init_ray()
     assert FakeRay.kwargs["num_cpus"] == 7  # the process's affinity, not os.cpu_count()
+    # a Ray of its own, never a cluster that `ray start` left on this machine (search.ray_address is for that)
+    assert FakeRay.kwargs["address"] == "local"
 
 
 # ------------------------------------------------------------------------------------ search state

@@ -220,6 +220,9 @@ class SearchConfig(_Section):
     # (HFTA-style grouped convolutions, members side by side along the channels)
     fused_kernel: Literal["vmap", "grouped"] = "vmap"
     ray_address: str | None = None
+    # on a cluster (ray_address set): send this process's rolekd package to every node with the job (Ray's
+    # runtime_env py_modules), so nodes run the driver's code; false: each node imports its own installed rolekd
+    ray_ship_code: bool = True
     ray_num_cpus: float = Field(1.0, gt=0)
     ray_num_gpus: float = Field(0.0, ge=0)
     # evaluate members' validation split every N epochs; None: only where PBT reads the reward (the end of

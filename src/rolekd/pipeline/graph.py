@@ -46,7 +46,7 @@ from ..distill import distiller_class
 from ..errors import RunFailed, UserError
 from ..experiment import Session, search_from_config, train_from_config
 from ..runtime import keep_freed_memory, worker_environment
-from ..search.ray_executor import connect_ray
+from ..search.ray_executor import _within, answers, connect_ray, missing_rolekd
 from ..train import NonFiniteLoss, resolve_device
 
 
@@ -237,6 +237,8 @@ class ProcessExecutor:
 
 
 RAY_STAGE_RETRIES = 3  # a Ray stage task lost with its node or worker process is retried this often
+HEAD_CHECK_S = 5.0  # while Ray stages run, the cluster's head is checked this often (search.ray_address set) ...
+HEAD_LOST_CHECKS = 3  # ... and the run stops after this many checks in a row without an answer
 
 
 @dataclass(frozen=True)
@@ -314,8 +316,11 @@ class RayStageExecutor:
     """Each task a Ray task (:func:`run_ray_stage`) on ``search.ray_address`` (or a local Ray started here).
     ``root``: the pipeline's run root, on storage every node shares."""
 
-    def __init__(self, address: str | None, num_cpus: float, num_gpus: float, slots: int, root: Path | None = None):
-        self.ray, self.started = connect_ray(address)
+    def __init__(self, address: str | None, num_cpus: float, num_gpus: float, slots: int, root: Path | None = None,
+                 ship_code: bool = True):
+        self.ray, self.started = connect_ray(address, ship_code=ship_code)
+        self.address = address
+        self.head_lost = False
         self.remote = self.ray.remote(run_ray_stage).options(num_cpus=num_cpus, num_gpus=num_gpus,
                                                              max_retries=RAY_STAGE_RETRIES)
         self.shared = SharedRoot.write(root if root is not None else Path.cwd())
@@ -331,22 +336,52 @@ class RayStageExecutor:
         ray = self.ray
         pending = [r for r, f in self.refs.items() if not f.done()]
         if pending:
-            done, _ = ray.wait(pending, num_returns=1, timeout=timeout)
+            done = self._wait_checking_head(pending, timeout)
             for r in done:
                 fut = self.refs.pop(r)
                 try:
                     fut.set_result(ray.get(r))
-                except ray.exceptions.RayTaskError as e:
-                    cause = getattr(e, "cause", None)
-                    fut.set_exception(cause if isinstance(cause, BaseException) else RunFailed(str(e).splitlines()[0]))
                 except ray.exceptions.RayError as e:
-                    fut.set_exception(RunFailed(f"Ray lost the task and its retries ({type(e).__name__}: "
+                    cause = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayTaskError) else None
+                    if (missing := missing_rolekd(e)) is not None:
+                        fut.set_exception(missing)
+                    elif isinstance(cause, BaseException):
+                        fut.set_exception(cause)
+                    elif isinstance(e, ray.exceptions.RayTaskError):
+                        fut.set_exception(RunFailed(str(e).splitlines()[0]))
+                    else:
+                        fut.set_exception(RunFailed(f"Ray lost the task and its retries ({type(e).__name__}: "
                                                 f"{str(e).splitlines()[0][:160] if str(e) else ''}); rerun the same "
                                                 f"command to resume"))
         done = {f for f in futures if f.done()}
         return done, set(futures) - done
 
+    def _wait_checking_head(self, pending, timeout):
+        """Ray's wait for the first of ``pending``, checking every :data:`HEAD_CHECK_S` seconds that the
+        cluster's head answers: without it Ray's driver would wait, then exit without a word. RunFailed after
+        :data:`HEAD_LOST_CHECKS` checks in a row without an answer."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        misses = 0
+        while True:
+            step = HEAD_CHECK_S if deadline is None else max(0.0, min(HEAD_CHECK_S, deadline - time.monotonic()))
+            done, _ = self.ray.wait(pending, num_returns=1, timeout=step)
+            if done or (deadline is not None and time.monotonic() >= deadline) or not self.address:
+                return done
+            misses = 0 if answers(self.address) else misses + 1
+            if misses >= HEAD_LOST_CHECKS:
+                self.head_lost = True
+                raise RunFailed(f"lost the Ray cluster's head at search.ray_address={self.address} (no answer for "
+                                f"{HEAD_LOST_CHECKS * HEAD_CHECK_S:.0f} s); the stages in flight stop with it: start "
+                                f"the cluster again and rerun the same command, it resumes every unfinished stage "
+                                f"from its checkpoint")
+
     def close(self, cancel: bool = False) -> None:
+        if self.head_lost:  # nothing to cancel; disconnect without waiting long for a head that is gone
+            try:
+                _within(10.0, self.ray.shutdown)
+            except TimeoutError:
+                pass
+            return
         if cancel:
             for r in self.refs:
                 try:
@@ -400,7 +435,8 @@ def make_executor(cfg: Config, pl: Plan, session: Session, root: Path | None = N
     p = cfg.pipeline
     cpus = p.ray_num_cpus if p.ray_num_cpus is not None else float(pl.threads or 1)
     gpus = p.ray_num_gpus if p.ray_num_gpus is not None else (1.0 if pl.gpus else 0.0)
-    return RayStageExecutor(cfg.search.ray_address, cpus, gpus, pl.workers, root if root is not None else cfg.run_dir())
+    return RayStageExecutor(cfg.search.ray_address, cpus, gpus, pl.workers, root if root is not None else cfg.run_dir(),
+                            cfg.search.ray_ship_code)
 
 
 # ---------------------------------------------------------------------------------------- the runner

@@ -23,6 +23,7 @@ or does not answer is one UserError.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 from typing import Any, Mapping, Sequence
@@ -74,6 +75,19 @@ def probe_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
                         f"(ray start --head) or fix the address, or leave it unset for a local Ray") from None
 
 
+def answers(address: str, timeout: float = 2.0) -> bool:
+    """Whether the Ray cluster's head at ``address`` (host:port) accepts a TCP connection within ``timeout``
+    seconds (True for address forms without a port, which cannot be checked)."""
+    hp = _host_port(address)
+    if hp is None:
+        return True
+    try:
+        with socket.create_connection(hp, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _within(seconds: float, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` run in a daemon thread; TimeoutError when it has not returned within
     ``seconds`` (it is then left behind: Ray's connection loop retries for many minutes in native code
@@ -96,38 +110,59 @@ def _within(seconds: float, fn, *args, **kwargs):
     return out.get("value")
 
 
-def connect_ray(address: str | None, init_kwargs: Mapping[str, Any] | None = None, ray=None):
+def connect_ray(address: str | None, init_kwargs: Mapping[str, Any] | None = None, ray=None, ship_code: bool = True):
     """Ray, connected: to ``address`` (probed first, bounded by :data:`CONNECT_TIMEOUT_S`; a UserError
     when it cannot be reached), or a local instance with the CPUs this process may use and the visible
-    GPUs; nothing when Ray is already initialised. Returns (ray, whether this call started it). Workers
-    import rolekd the way this process does (its package root joins their PYTHONPATH). ``ray``: the module
-    (default: Ray, imported)."""
+    GPUs; nothing when Ray is already initialised. Returns (ray, whether this call started it). A local
+    instance's workers import rolekd the way this process does (its package root joins their PYTHONPATH); on
+    a cluster, ``ship_code`` sends this process's rolekd package with the job to every node (Ray's
+    ``runtime_env`` ``py_modules``), otherwise each node imports its own. ``ray``: the module (default: Ray,
+    imported)."""
     ray = ray if ray is not None else import_ray()
     if ray.is_initialized():
         return ray, False
     kw = {"include_dashboard": False, "log_to_driver": True}
     kw.update(init_kwargs or {})
-    # workers must import rolekd the way this process does (e.g. PYTHONPATH=src in a checkout)
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(rolekd.__file__)))
-    path = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
-    os.environ["PYTHONPATH"] = path  # inherited by a local instance's workers
     if address:
         probe_address(address)
+        if ship_code:
+            kw.setdefault("runtime_env", {"py_modules": [os.path.dirname(os.path.abspath(rolekd.__file__))]})
         try:
-            _within(CONNECT_TIMEOUT_S, ray.init, address=address, runtime_env={"env_vars": {"PYTHONPATH": path}}, **kw)
+            _within(CONNECT_TIMEOUT_S, ray.init, address=address, **kw)
         except (TimeoutError, ConnectionError, RuntimeError, ValueError) as e:
             why = ("no answer" if isinstance(e, TimeoutError)
                    else f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
             raise UserError(f"cannot connect to the Ray cluster at search.ray_address={address} within "
-                            f"{CONNECT_TIMEOUT_S:g} s ({why}); check the address and that the cluster runs "
-                            f"this Ray version") from None
+                            f"{CONNECT_TIMEOUT_S:g} s ({why}); check the address, that the cluster runs this Ray "
+                            f"version and, if it uses token authentication (the default of `ray start --head` "
+                            f"from Ray 2.59), that RAY_AUTH_MODE=token and its token are set here "
+                            f"(docs/CLUSTER.md)") from None
     else:
         import torch
 
+        # workers must import rolekd the way this process does (e.g. PYTHONPATH=src in a checkout)
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(rolekd.__file__)))
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p)
         kw.setdefault("num_cpus", available_cpus())  # the CPUs this process may use, not the machine's
         kw.setdefault("num_gpus", torch.cuda.device_count())
-        ray.init(**kw)
+        # a new instance of this process's own: without address="local", Ray would join a cluster that `ray start`
+        # left running on this machine (and refuse num_cpus there); joining one is what search.ray_address is for
+        ray.init(address="local", **kw)
     return ray, True
+
+
+def missing_rolekd(error: BaseException) -> UserError | None:
+    """The one-line UserError for a Ray error whose cause is a node that cannot import rolekd (Ray could not
+    load a rolekd task or actor there); None for any other error."""
+    text = str(error)
+    missing = re.search(r"No module named '(rolekd[\w.]*)'", text)
+    if not missing:
+        return None
+    where = re.search(r"ip=([\d.:a-f]+)", text)
+    node = f"node {where.group(1)}" if where else "a node of the cluster"
+    return UserError(f"{node} cannot import rolekd (no module named {missing.group(1)}): install rolekd "
+                     f"{rolekd.__version__} on every node, or leave search.ray_ship_code=true to send this "
+                     f"process's rolekd with the job (docs/CLUSTER.md)")
 
 
 def _actor_class(ray):
@@ -174,8 +209,9 @@ class RayExecutor:
 
     def __init__(self, factory: MemberFactory, address: str | None = None, num_cpus: float = 1.0,
                  num_gpus: float = 0.0, threads: int | None = None, init_kwargs: Mapping[str, Any] | None = None,
-                 group_size: int = 1):
+                 group_size: int = 1, ship_code: bool = True):
         self.ray = import_ray()
+        self.ship_code = ship_code
         self.factory = factory
         self.address = address
         self.num_cpus = float(num_cpus)
@@ -194,11 +230,11 @@ class RayExecutor:
     def from_config(cls, cfg: Config, factory: MemberFactory) -> "RayExecutor":
         s = cfg.search
         return cls(factory, s.ray_address, s.ray_num_cpus, s.ray_num_gpus, threads=cfg.train.threads,
-                   group_size=s.ray_group_size)
+                   group_size=s.ray_group_size, ship_code=s.ray_ship_code)
 
     # ------------------------------------------------------------------------------ lifecycle
     def _init_ray(self) -> None:
-        self.ray, self.started_ray = connect_ray(self.address, self.init_kwargs, self.ray)
+        self.ray, self.started_ray = connect_ray(self.address, self.init_kwargs, self.ray, self.ship_code)
 
     def _check_resources(self, n: int) -> None:
         res = self.ray.cluster_resources()
@@ -234,8 +270,10 @@ class RayExecutor:
         ray = self.ray
         try:
             return ray.get(refs)
-        except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
+        except ray.exceptions.RayError as e:
+            if (missing := missing_rolekd(e)) is not None:
+                raise missing from None
+            cause = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayTaskError) else None
             if isinstance(cause, UserError):
                 raise UserError(str(cause)) from None
             raise
