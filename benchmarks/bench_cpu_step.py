@@ -1,4 +1,4 @@
-"""The CPU training step of resnet_tiny (batch 128): fp32 plain and 4-bit II-KD, by thread count, memory
+"""The CPU training step of resnet_tiny (batch 128): fp32 plain, 4-bit plain (q4) and 4-bit II-KD, by thread count, memory
 format and process count — what ``pipeline.workers`` and ``train.channels_last=auto`` choose between.
 
     python benchmarks/bench_cpu_step.py                       # 1 and 2 threads, NCHW and channels-last
@@ -41,6 +41,8 @@ def make(kind: str, cl: bool, bf16: bool, compile_: bool = False):
     teacher = create("resnet_tiny").eval().requires_grad_(False)
     if kind == "fp32":
         model, obj = create("resnet_tiny"), CrossEntropy()
+    elif kind == "q4":  # the 4-bit student without KD
+        model, obj = quantize_model(create("resnet_tiny"), 4, 4), CrossEntropy()
     else:
         model = quantize_model(create("resnet_tiny"), 4, 4)
         # iikd_fold: the teacher's forward on its BatchNorm-folded copy (kd.fold_teacher_bn, the default of
@@ -100,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--processes", type=int, default=1)
-    ap.add_argument("--kinds", nargs="+", default=["fp32", "iikd"], choices=["fp32", "iikd", "iikd_fold"])
+    ap.add_argument("--kinds", nargs="+", default=["fp32", "iikd"], choices=["fp32", "q4", "iikd", "iikd_fold"])
     ap.add_argument("--formats", nargs="+", default=["nchw", "cl"], choices=["nchw", "cl"])
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
     ap.add_argument("--compile", action="store_true", help="also time the model under torch.compile (Inductor)")

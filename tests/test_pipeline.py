@@ -471,6 +471,28 @@ def test_stages_on_the_nodes_of_a_cluster_write_under_out_and_give_one_workers_r
         assert rt["threads"] == 1 and rt["channels_last"] is True, d
 
 
+def test_a_search_whose_members_live_on_different_nodes_gives_the_local_search(micro, cluster, tmp_path):
+    """The micro pipeline's β search (the student's, with KD from the stage-α teacher on the shared storage) again
+    with search.executor=ray on the two-node cluster: its two members need one CPU each and each node has one, so
+    they live on different nodes (one of them without rolekd installed); the search gives the local search's
+    rewards, exploits and schedule."""
+    from rolekd.experiment import search_from_config
+
+    c, _ = cluster
+    _, ref_root = micro
+    cfg = load_config(ref_root / "beta_search" / "config.yaml",
+                      [f"out={tmp_path / 'beta'}", "search.executor=ray", f"search.ray_address={c.address}",
+                       "search.ray_num_cpus=1"])
+    assert cfg.search.population == 2 and len(c.worker_nodes) == 2  # of one CPU each (_start_cluster)
+    search_from_config(cfg, verbose=False)
+    a = json.loads((ref_root / "beta_search" / "search.json").read_text())
+    b = json.loads((tmp_path / "beta" / "search.json").read_text())
+    assert b["executor"] == "ray" and a["executor"] == "local"
+    for key in ("final_val_acc", "best_val_acc", "best_test_acc", "exploits", "best_member"):
+        assert a[key] == b[key], key
+    assert Schedule.load(tmp_path / "beta" / "schedule.json") == Schedule.load(ref_root / "beta_search" / "schedule.json")
+
+
 def test_a_node_without_rolekd_stops_the_run_with_one_line_when_the_code_is_not_sent(micro, cluster, tmp_path,
                                                                                      capsys):
     """search.ray_ship_code=false (each node imports its own rolekd): the node where it is not installed fails
