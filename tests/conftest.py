@@ -10,6 +10,7 @@ import torch
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "rolekd" / "data" / "cifar10_sample.npz"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
+
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject.toml): one test process per CPU this process may use (its affinity: a suite pinned
     with taskset runs in one), at most 4 (each may start its own Ray)."""

@@ -419,7 +419,8 @@ def _start_cluster(where: Path, nodes: int = 2, without_rolekd: int = 0):
         ray.shutdown()  # the session's local Ray (conftest's local_ray starts it again for the tests that need it)
     hide = where / "no_rolekd_here"
     (hide / "rolekd").mkdir(parents=True, exist_ok=True)
-    (hide / "rolekd" / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'rolekd\'", name="rolekd")\n')
+    (hide / "rolekd" / "__init__.py").write_text(
+        'raise ModuleNotFoundError("No module named \'rolekd\'", name="rolekd")\n')
     old = os.getcwd()
     os.chdir(where)
     try:
@@ -490,7 +491,8 @@ def test_a_search_whose_members_live_on_different_nodes_gives_the_local_search(m
     assert b["executor"] == "ray" and a["executor"] == "local"
     for key in ("final_val_acc", "best_val_acc", "best_test_acc", "exploits", "best_member"):
         assert a[key] == b[key], key
-    assert Schedule.load(tmp_path / "beta" / "schedule.json") == Schedule.load(ref_root / "beta_search" / "schedule.json")
+    assert Schedule.load(tmp_path / "beta" / "schedule.json") == \
+        Schedule.load(ref_root / "beta_search" / "schedule.json")
 
 
 def test_a_node_without_rolekd_stops_the_run_with_one_line_when_the_code_is_not_sent(micro, cluster, tmp_path,

@@ -66,8 +66,8 @@ def pytest(main: Path, tests: list[str], slow: bool = False) -> tuple[int, float
     env = dict(os.environ, PYTHONPATH=str(main / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
     marks = ["-m", ""] if slow else []  # named tests marked slow run too (the suite's addopts deselect them)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-n", "0", "-p", "no:cacheprovider", *marks,
-                           *tests],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-n", "0", "-p", "no:cacheprovider",
+                           *marks, *tests],
                           cwd=main, env=env, capture_output=True, text=True)
     tail = [x for x in (done.stdout + done.stderr).strip().splitlines() if x.strip()]
     failed = [x for x in tail if x.startswith(("FAILED ", "ERROR "))]  # -rfE: which test failed
@@ -98,7 +98,8 @@ def main() -> int:
                 if not tests:
                     continue
                 rc, secs, last = pytest(main_dir, tests, slow)
-                print(f"without bugs{' (slow entries)' if slow else ''}: exit {rc} in {secs:.0f} s ({last})", flush=True)
+                label = "without bugs (slow entries)" if slow else "without bugs"
+                print(f"{label}: exit {rc} in {secs:.0f} s ({last})", flush=True)
                 if rc != 0:
                     print("the tests fail without any bug: fix them first")
                     return 1

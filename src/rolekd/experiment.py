@@ -55,8 +55,8 @@ from .train import NonFiniteLoss, Trainer, resolve_device
 
 # keys that may differ between a run and its resumption (and ``out``: a run directory may be moved)
 _VOLATILE = {("train", "progress"), ("train", "device"), ("train", "threads"), ("search", "ray_address"),
-             ("search", "ray_ship_code"), ("pipeline", "workers"), ("pipeline", "executor"), ("pipeline", "ray_num_cpus"),
-             ("pipeline", "ray_num_gpus")}
+             ("search", "ray_ship_code"), ("pipeline", "workers"), ("pipeline", "executor"),
+             ("pipeline", "ray_num_cpus"), ("pipeline", "ray_num_gpus")}
 RANDOM_SCHEDULE = "random_schedule.json"  # a run's random schedule (augment.matched_random_seed), before fitting
 _PREPARE_SEED = 7919  # RNG of a KD method's own preparation (batch shuffling, initialisation, dropout)
 

@@ -46,7 +46,7 @@ from ..distill import distiller_class
 from ..errors import RunFailed, UserError
 from ..experiment import Session, search_from_config, train_from_config
 from ..runtime import keep_freed_memory, worker_environment
-from ..search.ray_executor import _within, answers, connect_ray, missing_rolekd
+from ..search.ray_executor import answers, connect_ray, missing_rolekd, within
 from ..train import NonFiniteLoss, resolve_device
 
 
@@ -378,7 +378,7 @@ class RayStageExecutor:
     def close(self, cancel: bool = False) -> None:
         if self.head_lost:  # nothing to cancel; disconnect without waiting long for a head that is gone
             try:
-                _within(10.0, self.ray.shutdown)
+                within(10.0, self.ray.shutdown)
             except TimeoutError:
                 pass
             return

@@ -61,34 +61,35 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def probe_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """UserError unless a TCP connection to ``address`` (host:port) opens within ``timeout`` seconds."""
+def _unreachable(address: str, timeout: float) -> OSError | None:
+    """Why a TCP connection to ``address`` (host:port) does not open within ``timeout`` seconds; None when it
+    opens, or for address forms without a port (``auto``), which cannot be checked."""
     hp = _host_port(address)
     if hp is None:
-        return
+        return None
     try:
         with socket.create_connection(hp, timeout=timeout):
-            pass
+            return None
     except OSError as e:
+        return e
+
+
+def probe_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """UserError unless a TCP connection to ``address`` (host:port) opens within ``timeout`` seconds."""
+    e = _unreachable(address, timeout)
+    if e is not None:
         why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
         raise UserError(f"cannot reach the Ray cluster at search.ray_address={address} ({why}); start it "
                         f"(ray start --head) or fix the address, or leave it unset for a local Ray") from None
 
 
 def answers(address: str, timeout: float = 2.0) -> bool:
-    """Whether the Ray cluster's head at ``address`` (host:port) accepts a TCP connection within ``timeout``
-    seconds (True for address forms without a port, which cannot be checked)."""
-    hp = _host_port(address)
-    if hp is None:
-        return True
-    try:
-        with socket.create_connection(hp, timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """Whether the Ray cluster's head at ``address`` accepts a TCP connection within ``timeout`` seconds
+    (True for address forms without a port, which cannot be checked)."""
+    return _unreachable(address, timeout) is None
 
 
-def _within(seconds: float, fn, *args, **kwargs):
+def within(seconds: float, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` run in a daemon thread; TimeoutError when it has not returned within
     ``seconds`` (it is then left behind: Ray's connection loop retries for many minutes in native code
     that no signal interrupts)."""
@@ -128,7 +129,7 @@ def connect_ray(address: str | None, init_kwargs: Mapping[str, Any] | None = Non
         if ship_code:
             kw.setdefault("runtime_env", {"py_modules": [os.path.dirname(os.path.abspath(rolekd.__file__))]})
         try:
-            _within(CONNECT_TIMEOUT_S, ray.init, address=address, **kw)
+            within(CONNECT_TIMEOUT_S, ray.init, address=address, **kw)
         except (TimeoutError, ConnectionError, RuntimeError, ValueError) as e:
             why = ("no answer" if isinstance(e, TimeoutError)
                    else f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
