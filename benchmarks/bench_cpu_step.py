@@ -26,10 +26,11 @@ import time
 
 import torch
 
-from rolekd.config import KDConfig
+from rolekd.config import KDConfig, TrainConfig
 from rolekd.distill import build_kd_objective, distiller_class
 from rolekd.models import create
 from rolekd.quant import quantize_model
+from rolekd.train import build_optimizer
 from rolekd.train.objective import CrossEntropy, StepContext
 
 B = 128
@@ -54,7 +55,8 @@ def make(kind: str, cl: bool, bf16: bool, compile_: bool = False):
         model, teacher = model.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     obj.setup(model, torch.device("cpu"))
-    opt = torch.optim.SGD(list(model.parameters()) + list(obj.extra_parameters()), lr=0.01, momentum=0.9)
+    opt = build_optimizer(list(model.parameters()) + list(obj.extra_parameters()),  # the trainer's optimizer
+                          TrainConfig(lr=0.01, momentum=0.9, nesterov=False, weight_decay=0))
     obj.bind_optimizer(opt)
     obj.on_epoch_start(5, 10)
     ac = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext

@@ -31,10 +31,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rolekd.config import KDConfig
+from rolekd.config import KDConfig, TrainConfig
 from rolekd.distill import build_kd_objective, distiller_class
 from rolekd.models import create
 from rolekd.quant import quantize_model
+from rolekd.train import build_optimizer
 from rolekd.train.objective import CrossEntropy, StepContext
 
 SYNC = {"_local_scalar_dense", "_linalg_check_errors", "nonzero", "masked_select", "unique", "_unique2",
@@ -116,7 +117,7 @@ def patch(labels: Labels):
         setattr(owner, attr, wrapped)
         undo.append((owner, attr, fn))
 
-    for name in ("quantize_weight", "quantize_activation"):
+    for name in ("quantize_weight", "quantize_weights", "quantize_activation"):
         if hasattr(dorefa, name):
             wrap(dorefa, name, "quantizers")
     wrap(objective.KDObjective, "forward_teacher", "teacher")
@@ -154,8 +155,9 @@ def make(kind: str, model_name: str, batch: int, cuda_path: bool):
         if hasattr(obj, "prepare"):
             obj.prepare([x[: batch // 2], x[batch // 2:]])
     obj.setup(model, torch.device("cpu"))
-    opt = torch.optim.SGD(list(model.parameters()) + list(getattr(obj, "extra_parameters", lambda: [])()),
-                          lr=0.01, momentum=0.9)
+    # the trainer's optimizer (SGD, momentum 0.9; no weight decay or Nesterov, as the first counts)
+    opt = build_optimizer(list(model.parameters()) + list(getattr(obj, "extra_parameters", lambda: [])()),
+                          TrainConfig(lr=0.01, momentum=0.9, nesterov=False, weight_decay=0))
     if hasattr(obj, "bind_optimizer"):
         obj.bind_optimizer(opt)
     if hasattr(obj, "on_epoch_start"):

@@ -518,3 +518,111 @@ def test_zoo_state_dict_keys_unchanged_and_load_strictly(name):
     assert list(student.state_dict()) == list(teacher.state_dict())
     student.load_state_dict(teacher.state_dict(), strict=True)
     teacher.load_state_dict(student.state_dict(), strict=True)
+
+
+# ------------------------------------------------------------------------------------ weights quantized as a group
+
+
+def _group_weights(dtype):
+    """Conv/linear-shaped weights, one with maxima tied in both signs, one all zero."""
+    g = torch.Generator().manual_seed(7)
+    tied = torch.randn(3, 4, generator=g, dtype=dtype) * 0.3
+    tied[0, 1], tied[2, 3], tied[1, 0] = 1.3, -1.3, 1.3
+    return [torch.randn(8, 4, 3, 3, generator=g, dtype=dtype) * 0.5, tied, torch.zeros(5, 2, dtype=dtype),
+            torch.randn(10, 16, generator=g, dtype=dtype)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_weights_quantized_as_a_group_are_each_weight_quantized_alone_bit_for_bit(k, dtype):
+    from rolekd.quant.dorefa import quantize_weights
+    ws = [w.requires_grad_(True) for w in _group_weights(dtype)]
+    alone = [w.detach().clone().requires_grad_(True) for w in ws]
+    gen = torch.Generator().manual_seed(k)
+    cots = [torch.randn(w.shape, generator=gen, dtype=dtype) for w in ws]
+    qs = quantize_weights(ws, k)
+    ref = [quantize_weight(w, k) for w in alone]
+    for q, r in zip(qs, ref):
+        assert torch.equal(q, r)
+    sum((q * c).sum() for q, c in zip(qs, cots)).backward()
+    sum((r * c).sum() for r, c in zip(ref, cots)).backward()
+    for w, a in zip(ws, alone):
+        assert torch.equal(w.grad, a.grad)
+    # and the gradient is the un-rounded expression's, tied maxima split as autograd's max (float64 formula)
+    if dtype == torch.float64:
+        for w, c in zip(ws[:2], cots):
+            w_ref = w.detach().clone().requires_grad_(True)
+            t = torch.tanh(w_ref)
+            ((t / t.abs().max()) * c).sum().backward()
+            torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():  # without gradients: the same values, no graph
+        assert all(torch.equal(q, r) and q.grad_fn is None for q, r in zip(quantize_weights(ws, k), ref))
+
+
+def test_a_grouped_weight_whose_output_gets_no_gradient_gets_none():
+    from rolekd.quant.dorefa import quantize_weights
+    ws = [w.requires_grad_(True) for w in _group_weights(torch.float64)]
+    qs = quantize_weights(ws, 4)
+    grads = torch.autograd.grad((qs[0] * 2).sum() + qs[3].sum(), ws, allow_unused=True)
+    assert grads[1] is None and grads[2] is None
+    alone = [w.detach().clone().requires_grad_(True) for w in (ws[0], ws[3])]
+    want = torch.autograd.grad((quantize_weight(alone[0], 4) * 2).sum() + quantize_weight(alone[1], 4).sum(), alone)
+    assert torch.equal(grads[0], want[0]) and torch.equal(grads[3], want[1])
+
+
+def _without_group_hook(model):
+    from rolekd.quant.dorefa import quantize_weights_first
+    for key, h in list(model._forward_pre_hooks.items()):
+        if h is quantize_weights_first:
+            del model._forward_pre_hooks[key]
+    return model
+
+
+def test_a_quantized_model_quantizes_its_weights_as_one_group_and_trains_the_same(resnet_tiny64, monkeypatch):
+    """The model's pre-hook quantizes all its layers' weights at once; no layer quantizes its own; outputs and both
+    gradients of a clipped KD step (task and KD apart, the graph kept between them) are the per-layer ones."""
+    from rolekd.quant import dorefa
+    q = quantize_model(copy.deepcopy(resnet_tiny64).float(), 4, 4)
+    ref = _without_group_hook(copy.deepcopy(q))
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(6) % 10
+    calls = []
+    real = dorefa.quantize_weight
+    monkeypatch.setattr(dorefa, "quantize_weight", lambda w, bits: calls.append(bits) or real(w, bits))
+    results = []
+    for net in (q, ref):
+        calls.clear()
+        taps = FeatureTaps(net, features=True)
+        out = taps(x)
+        task = F.cross_entropy(out.logits, y)
+        kd = sum(f.square().mean() for f in out.features.values())
+        params = list(net.parameters())
+        g_kd = torch.autograd.grad(kd, params, retain_graph=True, allow_unused=True)
+        g_task = torch.autograd.grad(task, params)
+        taps.remove()
+        results.append((out.logits, g_kd, g_task, len(calls)))
+    (lq, kq, tq, nq), (lr, kr, tr, nr) = results
+    assert nq == 0 and nr == 11  # every quantized weight in the group; without the hook each layer its own
+    assert torch.equal(lq, lr)
+    assert [g is None for g in kq] == [g is None for g in kr] and any(g is None for g in kq)
+    assert all(a is None or torch.equal(a, b) for a, b in zip(kq, kr))
+    assert all(torch.equal(a, b) for a, b in zip(tq, tr))
+
+
+def test_a_layer_takes_the_groups_weight_only_while_it_is_the_same_weight(resnet_tiny64):
+    from rolekd.quant.dorefa import quantize_weights_first
+    q = quantize_model(copy.deepcopy(resnet_tiny64).float(), 4, 4)
+    conv = q.layer2[0].conv1
+    x = torch.rand(2, conv.in_channels, 8, 8)
+    quantize_weights_first(q, ())  # the group made, then the weight changes (an optimizer step) before its use
+    with torch.no_grad():
+        conv.weight.mul_(-0.5)
+    want = F.conv2d(x, quantize_weight(conv.weight, 4), conv.bias, conv.stride, conv.padding)
+    assert torch.equal(conv(x), want)
+    with torch.no_grad():  # made without gradients, used with: the layer quantizes its own, with a graph
+        quantize_weights_first(q, ())
+    conv(x).sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    # the hook is on the model once, also after quantizing a quantized copy again
+    hooks = lambda m: sum(h is quantize_weights_first for h in m._forward_pre_hooks.values())  # noqa: E731
+    assert hooks(q) == 1 and hooks(quantize_model(q, 3, 3)) == 1 and hooks(copy.deepcopy(q)) == 1

@@ -137,6 +137,31 @@ def test_weight_decay_on_weights_groups_and_one_step_by_hand(optimizer):
         torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("flags", [["train.optimizer=sgd", "train.weight_decay=0.01"],
+                                   ["train.optimizer=sgd", "train.nesterov=false", "train.weight_decay_on=weights"],
+                                   ["train.optimizer=adam", "train.weight_decay=0.01", "train.adam_eps=1e-5"]])
+def test_optimizer_steps_bit_identical_to_torchs_per_parameter_loop(flags):
+    """build_optimizer runs the update as foreach operators (a few per step instead of three per parameter); each
+    parameter must end exactly where torch's per-parameter loop (foreach=False) puts it, step after step."""
+    cfg = cfg_of(*flags, "train.lr=0.05").train
+    a, b = _net(), _net()
+    b.load_state_dict(a.state_dict())
+    opt_a = build_optimizer(a.parameters(), cfg, a)
+    opt_b = build_optimizer(b.parameters(), cfg, b)
+    assert all(g["foreach"] for g in opt_a.param_groups)
+    for g in opt_b.param_groups:
+        g["foreach"] = False  # the reference: torch's loop over the parameters
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(8) % 5
+    for _ in range(5):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            _loss(m, x, y).backward()
+            opt.step()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), n
+
+
 def test_adam_eps_is_the_configs():
     model = _net()
     for eps in (1e-8, 1e-5):

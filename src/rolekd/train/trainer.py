@@ -123,13 +123,17 @@ def build_optimizer(params, cfg: TrainConfig, model: nn.Module | None = None) ->
     Adam``, not AdamW), before the momentum / moment estimates: the gradient of the L2 loss term
     ``wd / 2 * ||w||^2``, which is what the authors' code adds to its loss (``tf.nn.l2_loss(w) * wd``, and
     ``l2_loss`` is ``||w||^2 / 2``). The returned optimizer's ``weight_decay_on`` attribute records the
-    rule (DML's teacher copy follows it)."""
+    rule (DML's teacher copy follows it).
+
+    The update runs as ``torch._foreach_*`` operations over all parameters (``foreach=True``, also on the CPU,
+    where torch would loop per parameter): the same arithmetic per element (bit-identical, tested), a few
+    operators per step instead of three per parameter (188 for ResNet18's SGD with momentum)."""
     groups = param_groups(params, cfg.weight_decay_on, model)
     if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        opt = torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, foreach=True)
     else:
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                              weight_decay=cfg.weight_decay)
+                              weight_decay=cfg.weight_decay, foreach=True)
     opt.weight_decay_on = cfg.weight_decay_on
     return opt
 
