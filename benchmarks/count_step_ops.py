@@ -175,7 +175,9 @@ def make(kind: str, model_name: str, batch: int, cuda_path: bool):
 
 @contextlib.contextmanager
 def cuda_solvers(on: bool):
-    """The eigen-solver choices a CUDA step makes (rolekd.distill.svd picks by device)."""
+    """The eigen-solver choices a CUDA step makes (rolekd.distill.svd picks by device), and its subspace iteration
+    run for the count the first call converged in, without a convergence check (the step counted is the second,
+    a step between two checks; every CHECK_EVERY-th step checks, as the first one did)."""
     if not on:
         yield
         return
@@ -188,11 +190,18 @@ def cuda_solvers(on: bool):
             shape = g.shape
             device = torch.device("cuda")
         return orig(_G, p, solver, grad)
+    if not hasattr(svd, "FIXED_ITERATION_DEVICES"):  # an older commit: every call checks (as it did on CUDA)
+        svd.FIXED_ITERATION_DEVICES, svd._ITERATIONS = set(), {}
+    fixed, known = svd.FIXED_ITERATION_DEVICES, dict(svd._ITERATIONS)
     svd._solver = as_cuda
+    svd.FIXED_ITERATION_DEVICES = {"cpu"}  # CUDA's known iteration count, checked every CHECK_EVERY-th call only
+    svd._ITERATIONS.clear()
     try:
         yield
     finally:
-        svd._solver = orig
+        svd._solver, svd.FIXED_ITERATION_DEVICES = orig, fixed
+        svd._ITERATIONS.clear()
+        svd._ITERATIONS.update(known)
 
 
 def count(kind: str, model: str, batch: int, path: str) -> dict:

@@ -144,6 +144,60 @@ def test_top_right_singular_gradient_matches_torch_svd(shape, solver):
     torch.testing.assert_close(s, s_ref[:, :2].detach())
 
 
+@pytest.mark.parametrize("solver", ["eigh", "subspace"])
+def test_singular_vectors_solved_together_are_each_solved_alone(solver):
+    """top_right_singular_many: matrices of one size solved in one batched call (teacher rows without a gradient
+    beside student rows with one, different n, X^T X and X X^T) give each matrix's own vectors, values and
+    gradients: bit for bit with the full spectrum (solved per matrix), to the solver's tolerance with the shared
+    subspace block; the rows without a gradient get none and cost no backward solve."""
+    from rolekd.distill.svd import top_right_singular_many
+    torch.manual_seed(5)
+    shapes = [(3, 50, 36), (2, 36, 80), (3, 50, 36), (2, 40, 36), (2, 36, 90)]
+    ns = [1, 4, 4, 2, 3]
+    grads = [False, False, True, True, True]
+    xs = [torch.randn(*sh, dtype=torch.float64) * torch.linspace(2, 0.05, sh[-1], dtype=torch.float64)
+          for sh in shapes]
+    xs = [x.requires_grad_(g) for x, g in zip(xs, grads)]
+    a = [torch.randn(x.shape[0], x.shape[2], 1, dtype=torch.float64) for x in xs]
+
+    def sign_free(found):  # invariant to each vector's sign; the rows with a gradient
+        return sum(((v * a[i]).sum(1) ** 2).sum() + (v ** 4).sum() for i, (v, _) in enumerate(found) if grads[i])
+
+    together = top_right_singular_many(xs, ns, eps=1e-9, solver=solver)
+    alone = [top_right_singular(x, n, eps=1e-9, solver=solver) for x, n in zip(xs, ns)]
+    trained = [x for x, g in zip(xs, grads) if g]
+    g_together = torch.autograd.grad(sign_free(together), trained)
+    g_alone = torch.autograd.grad(sign_free(alone), trained)
+    for (v, s), (v_ref, s_ref), x, n in zip(together, alone, xs, ns):
+        assert v.shape == v_ref.shape == (x.shape[0], x.shape[2], n) and s.grad_fn is None
+        assert (v.grad_fn is not None) == x.requires_grad
+        if solver == "eigh":
+            assert torch.equal(v, v_ref) and torch.equal(s, s_ref)
+        else:  # the same vectors up to sign, to the subspace iteration's tolerance
+            torch.testing.assert_close((v * v_ref).sum(1).abs().detach(), torch.ones(x.shape[0], n,
+                                                                                     dtype=torch.float64))
+            torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=0)
+    for g, g_ref in zip(g_together, g_alone):
+        torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-9)
+
+
+def test_orthonormalisation_is_shifted_cholesky_qr_twice_bit_for_bit():
+    """The subspace iteration's orthonormalisation (the shift added to the diagonal in place, one bmm a product)
+    against shifted Cholesky-QR written out with an identity matrix, as it was: the same bits; orthonormal."""
+    from rolekd.distill import svd
+    z = torch.randn(5, 40, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    z = z * torch.logspace(0, -6, 12, dtype=torch.float64)  # ill-conditioned columns
+    ref, eye = z, torch.eye(12, dtype=torch.float64)
+    for _ in range(2):
+        m = ref.transpose(-1, -2) @ ref
+        shift = 1e-13 * m.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300) / 12
+        chol, _ = torch.linalg.cholesky_ex(m + shift[..., None, None] * eye)
+        ref = torch.linalg.solve_triangular(chol.transpose(-1, -2), ref, upper=True, left=False)
+    q = svd._orthonormalize(z)
+    assert torch.equal(q, ref)
+    torch.testing.assert_close(q.transpose(-1, -2) @ q, eye.expand(5, 12, 12), rtol=0, atol=1e-10)
+
+
 def _spd_with_clusters(b, r, seed):
     """(b, r, r) symmetric PSD matrices whose top eigenvalues come in near-equal pairs (gaps ~1e-6 of the largest)
     and separated ones, with random eigenvectors, float64; and their eigenvectors and values."""

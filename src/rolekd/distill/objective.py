@@ -412,10 +412,11 @@ def clip_sum(g_task: Sequence[torch.Tensor | None], g_kd: Sequence[torch.Tensor 
 def _accumulate(p: nn.Parameter, g: torch.Tensor | None) -> None:
     if g is None:
         return
+    g = g.detach() if g.requires_grad else g  # autograd.grad's results carry no graph: no detach operator each
     if p.grad is None:
-        p.grad = g.detach()
+        p.grad = g
     else:
-        p.grad.add_(g.detach())
+        p.grad.add_(g)
 
 
 _OBJECTIVE_KEYS = {"lam", "lam_decay", "lam_decay_every", "lam_milestones", "lam_gamma", "clip_kd_grad", "clip_e0",

@@ -110,14 +110,24 @@ def _start_block(r: int, q: int, like: torch.Tensor) -> torch.Tensor:
     return _START[key]
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``: for two (B, n, m) tensors one ``bmm`` operator (the kernel ``@`` runs, without its five view
+    operators around it), else ``@``."""
+    return torch.bmm(a, b) if a.dim() == 3 and b.dim() == 3 else a @ b
+
+
 def _orthonormalize(z: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns spanning ``z`` (B, r, q) by shifted Cholesky-QR, twice (batched, fast on
-    CUDA where ``torch.linalg.qr`` loops over the batch). Directions ``z`` lacks shrink to zero."""
-    eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+    CUDA where ``torch.linalg.qr`` loops over the batch). Directions ``z`` lacks shrink to zero.
+
+    ``Z^T Z + shift I`` is made by adding the shift to the diagonal in place (the same values as adding
+    ``shift * I``, without an identity and its products): 11 operators a pass instead of 19."""
     for _ in range(2):
-        m = z.transpose(-1, -2) @ z
-        shift = 1e-13 * m.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300) / m.shape[-1]
-        chol, _ = torch.linalg.cholesky_ex(m + shift[..., None, None] * eye)
+        m = _mm(z.transpose(-1, -2), z)
+        diag = m.diagonal(dim1=-2, dim2=-1)
+        shift = 1e-13 * diag.sum(-1).clamp_min(1e-300) / m.shape[-1]
+        diag.add_(shift.unsqueeze(-1))
+        chol, _ = torch.linalg.cholesky_ex(m)
         z = torch.linalg.solve_triangular(chol.transpose(-1, -2), z, upper=True, left=False)
     return z
 
@@ -155,25 +165,25 @@ def top_eigh(g: torch.Tensor, p: int, max_iter: int | None = None, tol: float | 
         g = g.double()
         scale = g.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[..., None, None]
         gn = g / scale  # eigenvalues in [0, 1]
-        g2 = gn @ gn
-        basis = _orthonormalize(gn @ _start_block(r, q, g).expand(*g.shape[:-2], r, q))
+        g2 = _mm(gn, gn)
+        basis = _orthonormalize(_mm(gn, _start_block(r, q, g).expand(*g.shape[:-2], r, q)))
         key = (tuple(g.shape[:-2]), r, q, dtype, g.device, tol, max_iter)
         known = _ITERATIONS.get(key) if g.device.type in FIXED_ITERATION_DEVICES else None
         check = known is None or known[1] % CHECK_EVERY == CHECK_EVERY - 1
         it = 0
         while True:
             for _ in range(4):
-                basis = _orthonormalize(g2 @ basis)
+                basis = _orthonormalize(_mm(g2, basis))
             it += 4
             if not check and it < known[0]:
                 continue  # the known count, no convergence check (no host-device synchronisation)
             basis = _orthonormalize(basis)  # exactly orthonormal for the Rayleigh-Ritz step
-            theta, w = torch.linalg.eigh(basis.transpose(-1, -2) @ gn @ basis)
+            theta, w = torch.linalg.eigh(_mm(_mm(basis.transpose(-1, -2), gn), basis))
             theta, w = theta.flip(-1)[..., :p], w.flip(-1)[..., :p]
-            v = basis @ w
+            v = _mm(basis, w)
             if not check:
                 break
-            resid = torch.linalg.vector_norm(gn @ v - v * theta.unsqueeze(-2), dim=-2)  # (B, p)
+            resid = torch.linalg.vector_norm(_mm(gn, v) - v * theta.unsqueeze(-2), dim=-2)  # (B, p)
             if it >= max_iter or float(resid.max()) <= tol * max(float(theta[..., 0].max()), 1e-30):
                 break
         if g.device.type in FIXED_ITERATION_DEVICES:
@@ -194,40 +204,51 @@ class _TopEigh(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g: torch.Tensor, p: int, eps: float, solver: str = "auto"):
-        ctx.eps = eps
+    def forward(ctx, g: torch.Tensor, p: int, eps: float, solver: str = "auto", frozen: int = 0):
+        # frozen: the first rows of g need no gradient (the teacher's matrices solved with the student's): the
+        # backward skips them and gives them zeros
+        ctx.eps, ctx.frozen, ctx.shape = eps, frozen, g.shape
         if _solver(g, p, solver) == "eigh":
             lam_all, v_all = full_eigh(g)
             p = min(p, g.shape[-1])
             lam, v = lam_all[..., :p].clamp_min(0), v_all[..., :p]
-            ctx.save_for_backward(lam_all, v_all)
+            ctx.save_for_backward(lam_all[frozen:], v_all[frozen:])
             ctx.spectral = True
             return v.to(g.dtype), lam.to(g.dtype)
         lam, v = top_eigh(g, p, solver="subspace")
-        ctx.save_for_backward(g, lam, v)
+        ctx.save_for_backward(g[frozen:], lam[frozen:], v[frozen:])
         ctx.spectral = False
         return v, lam
 
     @staticmethod
     def backward(ctx, g_v, g_lam):
-        if ctx.spectral:
-            return _spectral_backward(ctx, g_v, g_lam), None, None, None
-        g, lam, v = ctx.saved_tensors
-        grad = None
-        if g_lam is not None:
-            grad = (v * g_lam.unsqueeze(-2)) @ v.transpose(-1, -2)
-        if g_v is not None:
-            tau = ctx.eps * lam.double()[..., :1] + 1e-30  # (B, 1)
-            vt = v.double().transpose(-1, -2)  # (B, p, r): v_i as rows
-            gt = g_v.double().transpose(-1, -2)
-            # dv_i has no component along v_i: project it out before and after the solve
-            rhs = gt - vt * (vt * gt).sum(-1, keepdim=True)
-            w = _regularised_solve(g.double(), lam.double(), tau, rhs)  # (B, p, r)
-            w = w - vt * (vt * w).sum(-1, keepdim=True)
-            w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
-            gv = (w.transpose(-1, -2) @ vt).to(g.dtype)  # sum_i w_i v_i^T
-            grad = gv if grad is None else grad + gv
-        return grad, None, None, None
+        f = ctx.frozen
+        if f:
+            g_v, g_lam = (None if t is None else t[f:] for t in (g_v, g_lam))
+        grad = _spectral_backward(ctx, g_v, g_lam) if ctx.spectral else _subspace_backward(ctx, g_v, g_lam)
+        if f and grad is not None:
+            grad = torch.cat([grad.new_zeros(f, *grad.shape[1:]), grad])
+        return grad, None, None, None, None
+
+
+def _subspace_backward(ctx, g_v, g_lam):
+    """The backward of :class:`_TopEigh` without the full spectrum (see its docstring)."""
+    g, lam, v = ctx.saved_tensors
+    grad = None
+    if g_lam is not None:
+        grad = (v * g_lam.unsqueeze(-2)) @ v.transpose(-1, -2)
+    if g_v is not None:
+        tau = ctx.eps * lam.double()[..., :1] + 1e-30  # (B, 1)
+        vt = v.double().transpose(-1, -2)  # (B, p, r): v_i as rows
+        gt = g_v.double().transpose(-1, -2)
+        # dv_i has no component along v_i: project it out before and after the solve
+        rhs = gt - vt * (vt * gt).sum(-1, keepdim=True)
+        w = _regularised_solve(g.double(), lam.double(), tau, rhs)  # (B, p, r)
+        w = w - vt * (vt * w).sum(-1, keepdim=True)
+        w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+        gv = (w.transpose(-1, -2) @ vt).to(g.dtype)  # sum_i w_i v_i^T
+        grad = gv if grad is None else grad + gv
+    return grad
 
 
 def _regularised_solve(g: torch.Tensor, lam: torch.Tensor, tau: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -280,25 +301,36 @@ def _spectral_backward(ctx, g_v, g_lam):
     return grad.to(dtype)
 
 
+def _gram(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The smaller Gram matrix of ``x`` (B, M, N): ``X^T X`` when ``M >= N``, else ``X X^T`` (then True)."""
+    if x.shape[-2] >= x.shape[-1]:
+        return x.transpose(-1, -2) @ x, False
+    return x @ x.transpose(-1, -2), True
+
+
+def _right_vectors(x: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, eps: float,
+                   left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right singular vectors and values of ``x`` from the top eigenpairs ``u``, ``lam`` of its Gram matrix: ``u``
+    itself for ``X^T X``; for ``X X^T`` (``left``) ``v = X^T u / s`` (zero when ``s`` is)."""
+    if not left:
+        return u, lam.clamp_min(0).sqrt()
+    lam_max = lam[..., :1].detach()
+    inv_s = torch.rsqrt(lam.clamp_min(0) + eps * eps * lam_max + 1e-30)  # 1/s, regularised by eps*s_max
+    keep = (lam.detach() > 1e-12 * lam_max).to(x.dtype)  # no right vector for a zero singular value
+    v = (x.transpose(-1, -2) @ u) * (inv_s * keep).unsqueeze(-2)
+    return v, lam.clamp_min(0).sqrt()
+
+
 def _decompose(x: torch.Tensor, n: int, eps: float, solver: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``n`` right singular vectors (B, N, n) and values (B, n) of ``x`` (B, M, N), differentiable.
 
     From ``X^T X`` when ``M >= N``; else from ``X X^T`` with ``v = X^T u / s`` (zero when ``s`` is).
     """
-    m, c = x.shape[-2], x.shape[-1]
     grad = x.requires_grad and torch.is_grad_enabled()
     with torch.autocast(device_type=x.device.type, enabled=False):
-        if m >= c:
-            g = x.transpose(-1, -2) @ x
-            v, lam = _TopEigh.apply(g, n, eps, _solver(g, n, solver, grad))
-            return v, lam.clamp_min(0).sqrt()
-        g = x @ x.transpose(-1, -2)
+        g, left = _gram(x)
         u, lam = _TopEigh.apply(g, n, eps, _solver(g, n, solver, grad))
-        lam_max = lam[..., :1].detach()
-        inv_s = torch.rsqrt(lam.clamp_min(0) + eps * eps * lam_max + 1e-30)  # 1/s, regularised by eps*s_max
-        keep = (lam.detach() > 1e-12 * lam_max).to(x.dtype)  # no right vector for a zero singular value
-        v = (x.transpose(-1, -2) @ u) * (inv_s * keep).unsqueeze(-2)
-        return v, lam.clamp_min(0).sqrt()
+        return _right_vectors(x, u, lam, eps, left)
 
 
 def top_right_singular(x: torch.Tensor, n: int, eps: float = 1e-4,
@@ -317,6 +349,46 @@ def top_right_singular(x: torch.Tensor, n: int, eps: float = 1e-4,
         return v, s.detach()
     with torch.no_grad():
         return _decompose(x, n, eps, solver)
+
+
+def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 1e-4,
+                            solver: str = "auto") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`top_right_singular` of each ``(x, n)`` (each ``x`` (B, M, N)), with the eigenproblems of one size
+    and solver solved in one batched call: all of a KD step's taps, teacher and student, in a few calls instead
+    of two per tap (each a chain of dozens of small operators). A matrix needing no gradient (the teacher's)
+    shares a call with ones that do and gets no backward work (:class:`_TopEigh`'s ``frozen`` rows).
+
+    With the full spectrum (``eigh``) every matrix is solved on its own inside the batch: the same vectors as
+    one call each. The subspace iteration runs a shared block (as many vectors as the largest ``n`` asks) until
+    every matrix's wanted pairs meet the tolerance: the same vectors to that tolerance (tested against
+    ``torch.linalg.eigh`` in float64), not to the bit.
+    """
+    xs = [x if x.dtype == torch.float64 else x.float() for x in xs]
+    ns = [max(1, min(int(n), x.shape[-2], x.shape[-1])) for x, n in zip(xs, ns)]
+    grads = [x.requires_grad and torch.is_grad_enabled() for x in xs]
+    out: list = [None] * len(xs)
+    with torch.autocast(device_type=xs[0].device.type, enabled=False):
+        grams = []
+        for x, grad in zip(xs, grads):
+            with torch.set_grad_enabled(grad):
+                grams.append(_gram(x))
+        groups: dict[tuple, list[int]] = {}
+        for i, ((g, _), n, grad) in enumerate(zip(grams, ns, grads)):
+            groups.setdefault((_solver(g, n, solver, grad), g.shape[1:], g.dtype, g.device), []).append(i)
+        for (how, *_), idx in groups.items():
+            idx.sort(key=lambda i: grads[i])  # the rows without a gradient first
+            sizes = [grams[i][0].shape[0] for i in idx]
+            frozen = sum(size for i, size in zip(idx, sizes) if not grads[i])
+            g = grams[idx[0]][0] if len(idx) == 1 else torch.cat([grams[i][0] for i in idx])
+            with torch.set_grad_enabled(any(grads[i] for i in idx)):
+                u, lam = _TopEigh.apply(g, max(ns[i] for i in idx), eps, how, frozen if frozen < g.shape[0] else 0)
+            for i, ui, li in zip(idx, u.split(sizes), lam.split(sizes)):
+                ui, li = ui[..., :ns[i]], li[..., :ns[i]]
+                with torch.set_grad_enabled(grads[i]):
+                    v, sv = _right_vectors(xs[i], ui if grads[i] else ui.detach(), li if grads[i] else li.detach(),
+                                           eps, grams[i][1])
+                out[i] = (v, sv.detach())
+    return out
 
 
 def canonical_sign(v: torch.Tensor) -> torch.Tensor:
@@ -373,12 +445,15 @@ def singular_pairs(student: dict[str, torch.Tensor], teacher: dict[str, torch.Te
     student top-``candidates`` vectors aligned to them (gradient flows to the student features)."""
     if k < 1 or candidates < k:
         raise UserError(f"{method}: need 1 <= k <= candidates, got k={k}, candidates={candidates}")
+    names = check_taps(student, teacher, method)
+    with torch.no_grad():
+        xs = [feature_matrix(teacher[name].detach()) for name in names]
+    xs += [feature_matrix(student[name]) for name in names]
+    found = top_right_singular_many(xs, [k] * len(names) + [candidates] * len(names), eps)
     pairs = []
-    for name in check_taps(student, teacher, method):
+    for name, (v_t, s_t), (v_s, _) in zip(names, found, found[len(names):]):
         with torch.no_grad():
-            v_t, s_t = top_right_singular(feature_matrix(teacher[name].detach()), k, eps)
             v_t = canonical_sign(v_t)
             sigma = s_t / (s_t.norm(dim=-1, keepdim=True) + 1e-12)
-        v_s, _ = top_right_singular(feature_matrix(student[name]), candidates, eps)
         pairs.append(SingularPair(name, align_rsv(v_s, v_t), v_t, sigma))
     return pairs
