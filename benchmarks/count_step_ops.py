@@ -17,7 +17,8 @@ clip, the optimizer); backward ops by the autograd node that runs them, which is
 forward made it (a ``TorchFunctionMode`` above autograd records each output's ``grad_fn``). *Synchronising* ops are
 the ones that make a CUDA host wait for the device: ``_local_scalar_dense`` (``.item()``, ``float(t)``,
 ``bool(t)``, ``.tolist()``), ``_linalg_check_errors`` (the linalg error checks) and ops whose output shape depends
-on data (``nonzero``, ``masked_select``, ``unique``).
+on data (``nonzero``, ``masked_select``, ``unique``). *Kernels* are the operators that are not views, aliases
+(``detach``), allocations or profiler markers: what would launch work on a GPU.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ from rolekd.quant import quantize_model
 from rolekd.train import build_optimizer
 from rolekd.train.objective import CrossEntropy, StepContext
 
+# operators that launch no kernel on a GPU: views and aliases (``OpOverload.is_view``), allocations, the profiler's
+# markers; the rest is what the "kernels" column counts
+NO_KERNEL = {"_unsafe_view", "_reshape_alias", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+             "lift_fresh", "_record_function_enter_new", "_record_function_exit"}
 SYNC = {"_local_scalar_dense", "_linalg_check_errors", "nonzero", "masked_select", "unique", "_unique2",
         "unique_consecutive", "item"}
 
@@ -83,6 +88,7 @@ class Counter(TorchDispatchMode):
         super().__init__()
         self.labels = labels
         self.ops = collections.Counter()
+        self.kernels = collections.Counter()
         self.syncs = collections.Counter()
         self.sync_ops = collections.Counter()
 
@@ -94,6 +100,8 @@ class Counter(TorchDispatchMode):
             label = self.labels.now
         name = func.__name__.split(".")[0] if hasattr(func, "__name__") else str(func)
         self.ops[label] += 1
+        if not getattr(func, "is_view", False) and name not in NO_KERNEL:
+            self.kernels[label] += 1
         if name in SYNC:
             self.syncs[label] += 1
             self.sync_ops[name] += 1
@@ -218,6 +226,7 @@ def count(kind: str, model: str, batch: int, path: str) -> dict:
             for owner, attr, fn in reversed(undo):
                 setattr(owner, attr, fn)
     return {"ops": sum(counter.ops.values()), "syncs": sum(counter.syncs.values()),
+            "kernels": sum(counter.kernels.values()),
             "by_component": dict(counter.ops.most_common()), "syncs_by_component": dict(counter.syncs),
             "sync_ops": dict(counter.sync_ops)}
 
@@ -232,12 +241,14 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     out = {}
-    print(f"{a.model}, batch {a.batch}: operators (synchronising) per step")
-    print(f"{'step':14s} " + " ".join(f"{p + ' path':>18s}" for p in a.paths))
+    print(f"{a.model}, batch {a.batch}: operators (synchronising) and kernels (operators that are not views, "
+          f"aliases or allocations) per step")
+    print(f"{'step':14s} " + " ".join(f"{p + ' path':>26s}" for p in a.paths))
     for kind in a.kinds:
         row = {p: count(kind, a.model, a.batch, p) for p in a.paths}
         out[kind] = row
-        print(f"{kind:14s} " + " ".join(f"{r['ops']:>12d} ({r['syncs']:>3d})" for r in row.values()), flush=True)
+        print(f"{kind:14s} " + " ".join(f"{r['ops']:>12d} ({r['syncs']:>3d}) {r['kernels']:>6d}k" for r in row.values()),
+              flush=True)
     for kind, row in out.items():
         for p, r in row.items():
             comp = ", ".join(f"{k} {v}" for k, v in r["by_component"].items())
