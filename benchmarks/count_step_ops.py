@@ -243,12 +243,12 @@ def main() -> None:
     out = {}
     print(f"{a.model}, batch {a.batch}: operators (synchronising) and kernels (operators that are not views, "
           f"aliases or allocations) per step")
-    print(f"{'step':14s} " + " ".join(f"{p + ' path':>26s}" for p in a.paths))
+    print(f"{'step':14s} " + " ".join(f"{p + ' path: ops (syncs) kernels':>26s}" for p in a.paths))
     for kind in a.kinds:
         row = {p: count(kind, a.model, a.batch, p) for p in a.paths}
         out[kind] = row
-        print(f"{kind:14s} " + " ".join(f"{r['ops']:>12d} ({r['syncs']:>3d}) {r['kernels']:>6d}k" for r in row.values()),
-              flush=True)
+        cells = (f"{r['ops']:>12d} ({r['syncs']:>3d}) {r['kernels']:>6d}" for r in row.values())
+        print(f"{kind:14s} " + " ".join(cells), flush=True)
     for kind, row in out.items():
         for p, r in row.items():
             comp = ", ".join(f"{k} {v}" for k, v in r["by_component"].items())
