@@ -3,6 +3,7 @@
     python benchmarks/bench_kd.py                                   # CPU, resnet_tiny, batch 64
     python benchmarks/bench_kd.py --model resnet18 --batch 32 --steps 10 --unclipped iikd
     python benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --unclipped iikd
+    python benchmarks/bench_kd.py --src OLD_CHECKOUT/src ...        # an older commit's rolekd (side by side)
 
 Each row is the median step time over ``--steps`` rounds after warm-up, and its ratio to the fp32
 plain step measured in the same process. The rows are interleaved: every round times one step of each
@@ -18,14 +19,20 @@ import contextlib
 import copy
 import json
 import statistics
+import sys
 import time
 
 import torch
 
-from rolekd.distill import build_kd_objective
-from rolekd.models import create
-from rolekd.quant import quantize_model
-from rolekd.train.objective import CrossEntropy, StepContext
+if "--src" in sys.argv[:-1]:  # that checkout's rolekd ahead of the installed one (parsed again by argparse below)
+    sys.path.insert(0, sys.argv[sys.argv.index("--src") + 1])
+
+from rolekd.config import TrainConfig  # noqa: E402
+from rolekd.distill import build_kd_objective  # noqa: E402
+from rolekd.models import create  # noqa: E402
+from rolekd.quant import quantize_model  # noqa: E402
+from rolekd.train import build_optimizer  # noqa: E402
+from rolekd.train.objective import CrossEntropy, StepContext  # noqa: E402
 
 
 class Runner:
@@ -34,7 +41,8 @@ class Runner:
     def __init__(self, model, objective, x, y, device, amp):
         self.model, self.objective, self.x, self.y, self.device = model, objective, x, y, device
         objective.setup(model, device)
-        self.opt = torch.optim.SGD(list(model.parameters()) + objective.extra_parameters(), lr=0.01, momentum=0.9)
+        self.opt = build_optimizer(list(model.parameters()) + objective.extra_parameters(),  # the trainer's
+                                   TrainConfig(lr=0.01, momentum=0.9, nesterov=False, weight_decay=0))
         objective.bind_optimizer(self.opt)
         objective.on_epoch_start(5, 10)
 
@@ -86,6 +94,8 @@ def main():
     ap.add_argument("--unclipped", nargs="*", default=[],
                     help="methods to time a second time with KD gradient clipping off (one backward pass); the "
                          "main rows clip as each method declares (kdsvd, mhgd, iikd)")
+    ap.add_argument("--src", default=None, help="a checkout's src directory whose rolekd to time (e.g. an older "
+                                                    "commit's, for a side-by-side run on the same machine)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)

@@ -15,6 +15,9 @@
 #   `search-more` = the kernels compiled (bench_fused_step --compile, WRN-40-2 and 4-bit ResNet18), the WRN search
 #   fused with torch.compile (both kernels), Ray with 1/16 GPU per member, Ray fused groups of 4
 #   (Ray is not in the GPU image; without a Ray wheel in .whl those rows come back as errors in search_ray.json).
+# `kd` = issue 32's KD step on the card: fp32, 4-bit and 4-bit II-KD (clipped) steps of ResNet18 at batch 256
+#   (bench_kd.py), the issue's base and this checkout alternating (two rounds); needs the base's code in .gpu/base:
+#   mkdir -p .gpu/base && git archive 0b57263 src | tar -x -C .gpu/base
 # `pipeline [T1 T2]` = the multi-GPU-ready row: the gpu-mini pipeline with its stages on pipeline.workers = the visible
 #   GPUs (one stage per GPU at a time; on one GPU the stages run one after another), time limit T1 s; on a single GPU
 #   then the same with pipeline.workers=2 sharing it (T2 s). GPU utilisation every 2 s in util.csv.
@@ -85,6 +88,13 @@ mode_search_more() {
   step 200 search_ray python3 benchmarks/bench_search.py $WRN_SEARCH --executors ray ray-groups --ray-group-size 4 \
     --ray-num-cpus 0.9 --quiet --out $OUT/search_ray.json
 }
+mode_kd() {  # issue 32: the KD step at the issue's base (.gpu/base/src) and now, same card, alternating
+  local kd="benchmarks/bench_kd.py --device cuda --model resnet18 --batch 256 --bits 4 --methods iikd --steps 30"
+  step 120 kd_base_1 python3 $kd --src .gpu/base/src --out $OUT/kd_base_1.json
+  step 120 kd_new_1 python3 $kd --out $OUT/kd_new_1.json
+  step 120 kd_new_2 python3 $kd --out $OUT/kd_new_2.json
+  step 120 kd_base_2 python3 $kd --src .gpu/base/src --out $OUT/kd_base_2.json
+}
 mode_early() {
   step 100 kd python3 benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --unclipped iikd --out $OUT/kd.json
   step 60 augment python3 benchmarks/bench_augment.py --device cuda --batch 4096 --train-step --out $OUT/augment.json
@@ -101,8 +111,8 @@ mode_bench() {
   step 120 kd python3 benchmarks/bench_kd.py --device cuda --model resnet18 --batch 128 --bits 4 --out $OUT/kd.json
 }
 if [ $DRY = 1 ]; then
-  for mode in search search_more early bench mini pipeline; do "mode_$mode"; done
-  echo "== dry: $(wc -l < "$DRY_LIST") commands of modes search, search-more, early, bench, mini, pipeline"
+  for mode in search search_more kd early bench mini pipeline; do "mode_$mode"; done
+  echo "== dry: $(wc -l < "$DRY_LIST") commands of modes search, search-more, kd, early, bench, mini, pipeline"
   python3 benchmarks/dry_check.py --batch "$DRY_LIST" || FAILED=1
   echo "== dry: the pipeline row on CPU, 2 workers, micro size"
   python3 -m rolekd.cli run configs/gpu-mini.yaml train.device=cpu data.name=cifar10-sample data.train_size=128 \
@@ -117,9 +127,10 @@ fi
 case "${1:-search}" in
   search) mode_search ;;
   search-more) mode_search_more ;;
+  kd) mode_kd ;;
   early) mode_early ;;
   bench) mode_bench ;;
   mini) mode_mini 560 ;;
   pipeline) mode_pipeline "${2:-560}" "${3:-240}" ;;
-  *) echo "unknown mode ${1:-}: use search, search-more, early, bench, mini, pipeline or dry" >&2; exit 2 ;;
+  *) echo "unknown mode ${1:-}: use search, search-more, kd, early, bench, mini, pipeline or dry" >&2; exit 2 ;;
 esac

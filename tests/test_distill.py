@@ -145,12 +145,14 @@ def test_top_right_singular_gradient_matches_torch_svd(shape, solver):
 
 
 @pytest.mark.parametrize("solver", ["eigh", "subspace"])
-def test_singular_vectors_solved_together_are_each_solved_alone(solver):
+def test_singular_vectors_solved_together_are_each_solved_alone(solver, monkeypatch):
     """top_right_singular_many: matrices of one size solved in one batched call (teacher rows without a gradient
     beside student rows with one, different n, X^T X and X X^T) give each matrix's own vectors, values and
     gradients: bit for bit with the full spectrum (solved per matrix), to the solver's tolerance with the shared
     subspace block; the rows without a gradient get none and cost no backward solve."""
+    from rolekd.distill import svd
     from rolekd.distill.svd import top_right_singular_many
+    monkeypatch.setattr(svd, "GROUP_SUBSPACE_DEVICES", {"cpu"})  # as on CUDA: subspace problems together too
     torch.manual_seed(5)
     shapes = [(3, 50, 36), (2, 36, 80), (3, 50, 36), (2, 40, 36), (2, 36, 90)]
     ns = [1, 4, 4, 2, 3]
@@ -179,6 +181,39 @@ def test_singular_vectors_solved_together_are_each_solved_alone(solver):
             torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=0)
     for g, g_ref in zip(g_together, g_alone):
         torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-9)
+
+
+def test_kd_losses_from_singular_vectors_solved_together_equal_the_per_tap_solves_in_float64():
+    """singular_pairs solves all taps' problems together; the KD-SVD loss and its gradient on every student map must
+    be what the per-tap solves (the code before, written out here) give: float64, where rounding would not hide a
+    difference (float32 steps differ by ~1e-7: autograd adds a map's gradients in another order)."""
+    from rolekd.distill import svd
+    from rolekd.distill.kdsvd import kdsvd_loss_from_pairs
+    g = torch.Generator().manual_seed(11)
+    shapes = {"a": (6, 8, 16, 16), "b": (6, 16, 8, 8), "c": (6, 48, 4, 4), "d": (6, 64, 2, 2)}
+    teacher = {k: torch.randn(*sh, generator=g, dtype=torch.float64) for k, sh in shapes.items()}
+    student = {k: (t + 0.3 * torch.randn(t.shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+               for k, t in teacher.items()}
+
+    def per_tap(student, teacher, k=1, candidates=4, eps=1e-4):
+        pairs = []
+        for name in teacher:
+            with torch.no_grad():
+                v_t, s_t = top_right_singular(feature_matrix(teacher[name]), k, eps)
+                v_t = svd.canonical_sign(v_t)
+                sigma = s_t / (s_t.norm(dim=-1, keepdim=True) + 1e-12)
+            v_s, _ = top_right_singular(feature_matrix(student[name]), candidates, eps)
+            pairs.append(svd.SingularPair(name, svd.align_rsv(v_s, v_t), v_t, sigma))
+        return pairs
+
+    losses, grads = [], []
+    for pairs in (svd.singular_pairs(student, teacher, 1, 4), per_tap(student, teacher)):
+        loss = kdsvd_loss_from_pairs(pairs)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, list(student.values())))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-13, atol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-14)
 
 
 def test_orthonormalisation_is_shifted_cholesky_qr_twice_bit_for_bit():

@@ -99,6 +99,10 @@ _START: dict[tuple, torch.Tensor] = {}
 FIXED_ITERATION_DEVICES = {"cuda"}
 CHECK_EVERY = 32
 _ITERATIONS: dict[tuple, tuple[int, int]] = {}  # key -> (iterations, calls so far)
+# On these devices top_right_singular_many runs the subspace problems of one size in one iteration (a shared
+# iteration count, the same vectors to the solver's tolerance); elsewhere each alone (the same bits as one call
+# each). The full-spectrum problems are solved together everywhere (the same bits either way).
+GROUP_SUBSPACE_DEVICES = {"cuda"}
 
 
 def _start_block(r: int, q: int, like: torch.Tensor) -> torch.Tensor:
@@ -359,9 +363,10 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
     shares a call with ones that do and gets no backward work (:class:`_TopEigh`'s ``frozen`` rows).
 
     With the full spectrum (``eigh``) every matrix is solved on its own inside the batch: the same vectors as
-    one call each. The subspace iteration runs a shared block (as many vectors as the largest ``n`` asks) until
-    every matrix's wanted pairs meet the tolerance: the same vectors to that tolerance (tested against
-    ``torch.linalg.eigh`` in float64), not to the bit.
+    one call each, to the bit. On the devices in ``GROUP_SUBSPACE_DEVICES`` (CUDA) the subspace iteration also
+    runs the problems of one size together, with a shared block (as many vectors as the largest ``n`` asks)
+    until every matrix's wanted pairs meet the tolerance: the same vectors to that tolerance (tested against
+    each alone in float64), not to the bit; elsewhere each subspace problem is solved alone, as before.
     """
     xs = [x if x.dtype == torch.float64 else x.float() for x in xs]
     ns = [max(1, min(int(n), x.shape[-2], x.shape[-1])) for x, n in zip(xs, ns)]
@@ -374,7 +379,9 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
                 grams.append(_gram(x))
         groups: dict[tuple, list[int]] = {}
         for i, ((g, _), n, grad) in enumerate(zip(grams, ns, grads)):
-            groups.setdefault((_solver(g, n, solver, grad), g.shape[1:], g.dtype, g.device), []).append(i)
+            how = _solver(g, n, solver, grad)
+            alone = how == "subspace" and g.device.type not in GROUP_SUBSPACE_DEVICES
+            groups.setdefault((how, g.shape[1:], g.dtype, g.device, i if alone else None), []).append(i)
         for (how, *_), idx in groups.items():
             idx.sort(key=lambda i: grads[i])  # the rows without a gradient first
             sizes = [grams[i][0].shape[0] for i in idx]
