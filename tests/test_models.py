@@ -316,3 +316,35 @@ def test_on_meta_builds_every_family_shapes_only_without_importing_the_compiler(
         assert set(shapes) == set(ref), name
         for k, (shape, device) in shapes.items():
             assert device == "meta" and shape == list(ref[k].shape), (name, k)
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "preresnet20", "wrn_10_1"])
+def test_global_pool_is_adaptive_avg_pool_bit_for_bit_and_vmaps_channels_last_without_a_fallback(name):
+    """The models' global pool (a mean over H, W) gives nn.AdaptiveAvgPool2d(1)'s numbers bit for bit, NCHW and
+    channels-last, and a vmap over stacked channels-last members (the fused search executor) runs it without
+    functorch's per-member fallback (AdaptiveAvgPool2d's in-place as_strided_ has no batching rule)."""
+    import copy
+    import warnings
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from rolekd.models.common import GlobalAvgPool
+    torch.manual_seed(0)
+    model = create(name).eval()
+    pools = [n for n, m in model.named_modules() if isinstance(m, GlobalAvgPool)]
+    assert len(pools) == 1 and not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+    ref = copy.deepcopy(model)
+    ref.avgpool = nn.AdaptiveAvgPool2d(1)
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            m, r = copy.deepcopy(model).to(memory_format=fmt), copy.deepcopy(ref).to(memory_format=fmt)
+            xi = x.contiguous(memory_format=fmt)
+            assert torch.equal(m(xi), r(xi))
+    params, buffers = stack_module_state([copy.deepcopy(model).to(memory_format=torch.channels_last) for _ in range(3)])
+    xs = torch.randn(3 * 4, 3, 32, 32).contiguous(memory_format=torch.channels_last).view(3, 4, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        out = vmap(lambda p, b, xb: functional_call(model, (p, b), (xb,)))(params, buffers, xs)
+    assert out.shape == (3, 4, 10)
+    assert not [w for w in caught if "batching rule" in str(w.message)], [str(w.message) for w in caught]

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rolekd.models.common import QuantPoint, init_conv_bn
+from rolekd.models.common import GlobalAvgPool, QuantPoint, init_conv_bn
 from rolekd.models.registry import register_model
 
 __all__ = ["BasicBlock", "CifarResNet", "resnet18", "resnet_tiny"]
@@ -89,7 +89,7 @@ class CifarResNet(nn.Module):
                 layers.append(BasicBlock(in_planes, w, stride if j == 0 else 1))
                 in_planes = w
             self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(in_planes, num_classes)
         self.num_features = in_planes
