@@ -43,7 +43,7 @@ from ..errors import UserError
 from ..models.taps import FeatureTaps
 from .adapter import ChannelAdapter
 from .base import Distiller, register
-from .svd import SingularPair, canonical_sign, feature_matrix, singular_pairs, top_right_singular
+from .svd import SingularPair, canonical_sign, feature_matrix, singular_pairs, top_right_singular_many
 
 
 class GraphAttention(nn.Module):
@@ -164,13 +164,12 @@ class MHGD(Distiller):
 
     # ------------------------------------------------------------------ vectors
     def teacher_vectors(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Top right singular vector (canonical sign) of each tap, ``[(B, C_l)]``, no gradient."""
-        out = []
+        """Top right singular vector (canonical sign) of each tap, ``[(B, C_l)]``, no gradient; the taps'
+        eigen-problems of one size solved in one call (:func:`~rolekd.distill.svd.top_right_singular_many`)."""
         with torch.no_grad():
-            for f in features.values():
-                v, _ = top_right_singular(feature_matrix(f.detach()), 1, self.eps)
-                out.append(canonical_sign(v)[..., 0])
-        return out
+            found = top_right_singular_many([feature_matrix(f.detach()) for f in features.values()],
+                                            [1] * len(features), self.eps)
+            return [canonical_sign(v)[..., 0] for v, _ in found]
 
     def pairs_from(self, student_features, teacher_features) -> list[SingularPair]:
         """Aligned singular pairs of (already adapted) student features and teacher features."""
