@@ -211,7 +211,7 @@ class _TopEigh(torch.autograd.Function):
     def forward(ctx, g: torch.Tensor, p: int, eps: float, solver: str = "auto", frozen: int = 0):
         # frozen: the first rows of g need no gradient (the teacher's matrices solved with the student's): the
         # backward skips them and gives them zeros
-        ctx.eps, ctx.frozen, ctx.shape = eps, frozen, g.shape
+        ctx.eps, ctx.frozen = eps, frozen
         if _solver(g, p, solver) == "eigh":
             lam_all, v_all = full_eigh(g)
             p = min(p, g.shape[-1])
@@ -325,18 +325,6 @@ def _right_vectors(x: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, eps: flo
     return v, lam.clamp_min(0).sqrt()
 
 
-def _decompose(x: torch.Tensor, n: int, eps: float, solver: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``n`` right singular vectors (B, N, n) and values (B, n) of ``x`` (B, M, N), differentiable.
-
-    From ``X^T X`` when ``M >= N``; else from ``X X^T`` with ``v = X^T u / s`` (zero when ``s`` is).
-    """
-    grad = x.requires_grad and torch.is_grad_enabled()
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        g, left = _gram(x)
-        u, lam = _TopEigh.apply(g, n, eps, _solver(g, n, solver, grad))
-        return _right_vectors(x, u, lam, eps, left)
-
-
 def top_right_singular(x: torch.Tensor, n: int, eps: float = 1e-4,
                        solver: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``n`` right singular vectors ``V`` (B, N, n) and values ``s`` (B, n) of ``x`` (B, M, N).
@@ -346,13 +334,7 @@ def top_right_singular(x: torch.Tensor, n: int, eps: float = 1e-4,
     singular values (``eps`` sets how near-equal values are regularised, relative to ``s_max^2``).
     ``solver``: ``"auto"``, ``"eigh"`` or ``"subspace"`` (module docstring); all give the same result.
     """
-    x = x if x.dtype == torch.float64 else x.float()  # float64 kept (for checks), else float32
-    n = max(1, min(int(n), x.shape[-2], x.shape[-1]))
-    if x.requires_grad and torch.is_grad_enabled():
-        v, s = _decompose(x, n, eps, solver)
-        return v, s.detach()
-    with torch.no_grad():
-        return _decompose(x, n, eps, solver)
+    return top_right_singular_many([x], [n], eps, solver)[0]
 
 
 def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 1e-4,
@@ -368,7 +350,7 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
     until every matrix's wanted pairs meet the tolerance: the same vectors to that tolerance (tested against
     each alone in float64), not to the bit; elsewhere each subspace problem is solved alone, as before.
     """
-    xs = [x if x.dtype == torch.float64 else x.float() for x in xs]
+    xs = [x if x.dtype == torch.float64 else x.float() for x in xs]  # float64 kept (for checks), else float32
     ns = [max(1, min(int(n), x.shape[-2], x.shape[-1])) for x, n in zip(xs, ns)]
     grads = [x.requires_grad and torch.is_grad_enabled() for x in xs]
     out: list = [None] * len(xs)
@@ -388,7 +370,7 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
             frozen = sum(size for i, size in zip(idx, sizes) if not grads[i])
             g = grams[idx[0]][0] if len(idx) == 1 else torch.cat([grams[i][0] for i in idx])
             with torch.set_grad_enabled(any(grads[i] for i in idx)):
-                u, lam = _TopEigh.apply(g, max(ns[i] for i in idx), eps, how, frozen if frozen < g.shape[0] else 0)
+                u, lam = _TopEigh.apply(g, max(ns[i] for i in idx), eps, how, frozen)
             for i, ui, li in zip(idx, u.split(sizes), lam.split(sizes)):
                 ui, li = ui[..., :ns[i]], li[..., :ns[i]]
                 with torch.set_grad_enabled(grads[i]):
