@@ -193,11 +193,11 @@ def cuda_solvers(on: bool):
 
     orig = svd._solver
 
-    def as_cuda(g, p, solver, grad=True):
+    def as_cuda(g, p, solver, *grad):  # older commits also pass whether a gradient is needed
         class _G:  # the same matrix, reported as on a CUDA device
             shape = g.shape
             device = torch.device("cuda")
-        return orig(_G, p, solver, grad)
+        return orig(_G, p, solver, *grad)
     if not hasattr(svd, "FIXED_ITERATION_DEVICES"):  # an older commit: every call checks (as it did on CUDA)
         svd.FIXED_ITERATION_DEVICES, svd._ITERATIONS = set(), {}
     fixed, known = svd.FIXED_ITERATION_DEVICES, dict(svd._ITERATIONS)

@@ -183,6 +183,26 @@ def test_singular_vectors_solved_together_are_each_solved_alone(solver, monkeypa
         torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-9)
 
 
+
+def test_on_the_cpu_the_teachers_vectors_come_from_lapack_in_the_students_call(monkeypatch):
+    """On the CPU a teacher's Gram matrix (no gradient) of 33-256 rows is solved by LAPACK's eigh in the student's
+    call of its size, not by the subspace iteration (hundreds of operators, a host-side check each call): its
+    vector is torch.linalg.eigh's top eigenvector of that Gram matrix, to the bit."""
+    from rolekd.distill import svd
+    from rolekd.distill.svd import canonical_sign, feature_matrix, singular_pairs
+
+    def no_subspace(*a, **k):
+        raise AssertionError("the subspace iteration ran on the CPU")
+    monkeypatch.setattr(svd, "top_eigh", no_subspace)
+    torch.manual_seed(2)
+    teacher = {"a": torch.randn(3, 64, 8, 8).relu()}  # a 64 x 64 Gram matrix: the subspace solver's size on CUDA
+    student = {"a": torch.randn(3, 64, 8, 8, requires_grad=True)}
+    pair, = singular_pairs(student, teacher, k=1, candidates=4)
+    x = feature_matrix(teacher["a"])
+    _, u = torch.linalg.eigh(x.transpose(-1, -2) @ x)
+    assert torch.equal(pair.teacher, canonical_sign(u[..., -1:]))
+    assert pair.student.grad_fn is not None
+
 def test_kd_losses_from_singular_vectors_solved_together_equal_the_per_tap_solves_in_float64():
     """singular_pairs solves all taps' problems together; the KD-SVD loss and its gradient on every student map must
     be what the per-tap solves (the code before, written out here) give: float64, where rounding would not hide a

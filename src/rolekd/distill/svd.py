@@ -34,9 +34,10 @@ regularised to ``d / (d^2 + tau^2)`` per eigen-direction (``d = l_i - l_j``, ``t
   backward applies ``Re[(l_i I - G + i tau I)^-1]`` by one complex128 solve per vector, with no full
   spectrum.
 
-``auto`` takes ``eigh`` for Gram matrices up to 32 x 32, and on the CPU (LAPACK) up to 256 x 256 when a
-gradient is needed (the student's vectors: ~2x faster than ``subspace`` forward + backward there);
-``subspace`` otherwise - the teacher's vectors (no gradient, 2.7x faster at 128 x 128 on the CPU) and
+``auto`` takes ``eigh`` for Gram matrices up to 32 x 32, and on the CPU (LAPACK) up to 256 x 256 (the
+student's vectors: ~2x faster than ``subspace`` forward + backward there; the teacher's, without a gradient,
+ride in the student's call of the same size: a few operators instead of a subspace iteration's hundreds
+and its host-side convergence checks, and a resnet_tiny II-KD step 5-16% faster); ``subspace`` otherwise -
 CUDA above 32 x 32, where ``eigh`` loops over the batch (it made a ResNet18 KD-SVD step ~20x slower
 than plain training).
 
@@ -72,13 +73,12 @@ def feature_matrix(f: torch.Tensor) -> torch.Tensor:
 
 
 _EIGH_SMALL = 32  # the full eigh up to this size everywhere (CUDA: batched Jacobi)
-_EIGH_MAX_GRAD = 256  # and, off CUDA (LAPACK), up to this size when a gradient is needed
+_EIGH_MAX = 256  # and, off CUDA (LAPACK), up to this size
 SOLVERS = ("auto", "eigh", "subspace")
 
 
-def _solver(g: torch.Tensor, p: int, solver: str, grad: bool = True) -> str:
-    """The solver ``auto`` picks for ``g`` (B, r, r) and ``p`` wanted pairs (see the module docstring);
-    without a gradient (the teacher's vectors) the full spectrum is only worth it up to 32 x 32."""
+def _solver(g: torch.Tensor, p: int, solver: str) -> str:
+    """The solver ``auto`` picks for ``g`` (B, r, r) and ``p`` wanted pairs (see the module docstring)."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     r = g.shape[-1]
@@ -86,7 +86,7 @@ def _solver(g: torch.Tensor, p: int, solver: str, grad: bool = True) -> str:
         return "eigh"
     if solver != "auto":
         return solver
-    limit = _EIGH_MAX_GRAD if grad and g.device.type != "cuda" else _EIGH_SMALL
+    limit = _EIGH_SMALL if g.device.type == "cuda" else _EIGH_MAX
     return "eigh" if r <= limit else "subspace"
 
 
@@ -361,7 +361,7 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
                 grams.append(_gram(x))
         groups: dict[tuple, list[int]] = {}
         for i, ((g, _), n, grad) in enumerate(zip(grams, ns, grads)):
-            how = _solver(g, n, solver, grad)
+            how = _solver(g, n, solver)
             alone = how == "subspace" and g.device.type not in GROUP_SUBSPACE_DEVICES
             groups.setdefault((how, g.shape[1:], g.dtype, g.device, i if alone else None), []).append(i)
         for (how, *_), idx in groups.items():
