@@ -235,8 +235,8 @@ class _TopEigh(torch.autograd.Function):
         if f:
             g_v, g_lam = (None if t is None else t[f:] for t in (g_v, g_lam))
         grad = _spectral_backward(ctx, g_v, g_lam) if ctx.spectral else _subspace_backward(ctx, g_v, g_lam)
-        if f and grad is not None:
-            grad = torch.cat([grad.new_zeros(f, *grad.shape[1:]), grad])
+        if f and grad is not None:  # zeros for the frozen rows (one padding operator)
+            grad = torch.nn.functional.pad(grad, (0, 0) * (grad.dim() - 1) + (f, 0))
         return grad, None, None, None, None
 
 
@@ -245,7 +245,7 @@ def _subspace_backward(ctx, g_v, g_lam):
     g, lam, v = ctx.saved_tensors
     grad = None
     if g_lam is not None:
-        grad = (v * g_lam.unsqueeze(-2)) @ v.transpose(-1, -2)
+        grad = _mm(v * g_lam.unsqueeze(-2), v.transpose(-1, -2))
     if g_v is not None:
         tau = ctx.eps * lam.double()[..., :1] + 1e-30  # (B, 1)
         vt = v.double().transpose(-1, -2)  # (B, p, r): v_i as rows
@@ -254,8 +254,8 @@ def _subspace_backward(ctx, g_v, g_lam):
         rhs = gt - vt * (vt * gt).sum(-1, keepdim=True)
         w = _regularised_solve(g.double(), lam.double(), tau, rhs)  # (B, p, r)
         w = w - vt * (vt * w).sum(-1, keepdim=True)
-        w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
-        gv = (w.transpose(-1, -2) @ vt).to(g.dtype)  # sum_i w_i v_i^T
+        w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite entries zeroed
+        gv = _mm(w.transpose(-1, -2), vt).to(g.dtype)  # sum_i w_i v_i^T
         grad = gv if grad is None else grad + gv
     return grad
 
@@ -296,17 +296,18 @@ def _spectral_backward(ctx, g_v, g_lam):
     dtype = (g_v if g_v is not None else g_lam).dtype
     p = (g_v if g_v is not None else g_lam).shape[-1]
     v = v_all[..., :p]
-    grad = torch.zeros_like(v_all)
+    grad = None
     if g_lam is not None:
-        grad = grad + (v * g_lam.double().unsqueeze(-2)) @ v.transpose(-1, -2)
+        grad = _mm(v * g_lam.double().unsqueeze(-2), v.transpose(-1, -2))
     if g_v is not None:
         tau = ctx.eps * lam_all[..., :1].clamp_min(0) + 1e-30  # (B, 1)
         d = lam_all[..., :p].unsqueeze(-2) - lam_all.unsqueeze(-1)  # (B, r, p): l_i - l_j
         f = d / (d * d + (tau * tau).unsqueeze(-1))
-        coeff = f * (v_all.transpose(-1, -2) @ g_v.double())  # (B, r, p), row j = direction v_j
-        w = v_all @ coeff  # (B, r, p): w_i as columns
-        w = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
-        grad = grad + w @ v.transpose(-1, -2)
+        coeff = f * _mm(v_all.transpose(-1, -2), g_v.double())  # (B, r, p), row j = direction v_j
+        w = _mm(v_all, coeff)  # (B, r, p): w_i as columns
+        w = torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite entries zeroed
+        gw = _mm(w, v.transpose(-1, -2))
+        grad = gw if grad is None else grad + gw
     return grad.to(dtype)
 
 
