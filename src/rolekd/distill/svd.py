@@ -314,8 +314,8 @@ def _spectral_backward(ctx, g_v, g_lam):
 def _gram(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The smaller Gram matrix of ``x`` (B, M, N): ``X^T X`` when ``M >= N``, else ``X X^T`` (then True)."""
     if x.shape[-2] >= x.shape[-1]:
-        return x.transpose(-1, -2) @ x, False
-    return x @ x.transpose(-1, -2), True
+        return _mm(x.transpose(-1, -2), x), False
+    return _mm(x, x.transpose(-1, -2)), True
 
 
 def _right_vectors(x: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, eps: float,
@@ -327,7 +327,7 @@ def _right_vectors(x: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, eps: flo
     lam_max = lam[..., :1].detach()
     inv_s = torch.rsqrt(lam.clamp_min(0) + eps * eps * lam_max + 1e-30)  # 1/s, regularised by eps*s_max
     keep = (lam.detach() > 1e-12 * lam_max).to(x.dtype)  # no right vector for a zero singular value
-    v = (x.transpose(-1, -2) @ u) * (inv_s * keep).unsqueeze(-2)
+    v = _mm(x.transpose(-1, -2), u) * (inv_s * keep).unsqueeze(-2)
     return v, lam.clamp_min(0).sqrt()
 
 
@@ -378,7 +378,8 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
             with torch.set_grad_enabled(any(grads[i] for i in idx)):
                 u, lam = _TopEigh.apply(g, max(ns[i] for i in idx), eps, how, frozen)
             for i, ui, li in zip(idx, u.split(sizes), lam.split(sizes)):
-                ui, li = ui[..., :ns[i]], li[..., :ns[i]]
+                if ui.shape[-1] != ns[i]:  # fewer vectors than the group's largest n
+                    ui, li = ui[..., :ns[i]], li[..., :ns[i]]
                 with torch.set_grad_enabled(grads[i]):
                     v, sv = _right_vectors(xs[i], ui if grads[i] else ui.detach(), li if grads[i] else li.detach(),
                                            eps, grams[i][1])
@@ -388,8 +389,7 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
 
 def canonical_sign(v: torch.Tensor) -> torch.Tensor:
     """Flip each column of ``v`` (B, N, k) so that its entries sum to ``>= 0``."""
-    sign = torch.where(v.sum(dim=-2, keepdim=True) >= 0, 1.0, -1.0).to(v.dtype)
-    return v * sign
+    return torch.where(v.sum(dim=-2, keepdim=True) >= 0, v, -v)
 
 
 def align_rsv(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
@@ -398,7 +398,7 @@ def align_rsv(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
     For teacher column ``j`` the student column with the largest ``|cos|`` is taken and multiplied by
     the sign of that cosine (``+1`` when the cosine is 0), as upstream's ``Align_rsv``.
     """
-    cos = v_s.transpose(-1, -2) @ v_t.detach()  # (B, ns, nt)
+    cos = _mm(v_s.transpose(-1, -2), v_t.detach())  # (B, ns, nt)
     idx = cos.abs().argmax(dim=-2)  # (B, nt)
     picked = torch.gather(v_s, -1, idx.unsqueeze(-2).expand(-1, v_s.shape[-2], -1))
     c = torch.gather(cos, -2, idx.unsqueeze(-2)).detach()  # (B, 1, nt)
