@@ -35,9 +35,10 @@ regularised to ``d / (d^2 + tau^2)`` per eigen-direction (``d = l_i - l_j``, ``t
   spectrum.
 
 ``auto`` takes ``eigh`` for Gram matrices up to 32 x 32, and on the CPU (LAPACK) up to 256 x 256 (the
-student's vectors: ~2x faster than ``subspace`` forward + backward there; the teacher's, without a gradient,
-ride in the student's call of the same size: a few operators instead of a subspace iteration's hundreds
-and its host-side convergence checks, and a resnet_tiny II-KD step 5-16% faster); ``subspace`` otherwise -
+student's vectors: 6-7x faster than ``subspace`` forward + backward there, bench_eigen_solvers.py; the
+teacher's, without a gradient, ride in the student's call of the same size: a few operators instead of a
+subspace iteration's hundreds and its host-side convergence checks, at the same CPU step speed); ``subspace``
+otherwise -
 CUDA above 32 x 32, where ``eigh`` loops over the batch (it made a ResNet18 KD-SVD step ~20x slower
 than plain training).
 
