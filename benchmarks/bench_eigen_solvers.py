@@ -97,14 +97,14 @@ def _matrices(batch: int) -> dict[str, torch.Tensor]:
 
 def iterations(extras: list[int], batch: int) -> list[dict]:
     out = []
-    fixed, extra0 = svd.FIXED_ITERATION_DEVICES, svd._EXTRA
+    fixed, extra0 = svd.FIXED_ITERATION_DEVICES, svd.SUBSPACE_EXTRA
     svd.FIXED_ITERATION_DEVICES = fixed | {"cpu"}  # records the checked iteration count per call
     try:
         for name, g in _matrices(batch).items():
             row = {"matrices": name, "shape": list(g.shape)}
             cells = []
             for extra, p in itertools.product(extras, (1, 4)):
-                svd._EXTRA = extra
+                svd.SUBSPACE_EXTRA = extra
                 svd._ITERATIONS.clear()
                 t = time.perf_counter()
                 svd.top_eigh(g, p, solver="subspace")
@@ -115,7 +115,7 @@ def iterations(extras: list[int], batch: int) -> list[dict]:
             out.append(row)
             print(f"{name:18s} {str(tuple(g.shape)):16s} " + " | ".join(cells), flush=True)
     finally:
-        svd.FIXED_ITERATION_DEVICES, svd._EXTRA = fixed, extra0
+        svd.FIXED_ITERATION_DEVICES, svd.SUBSPACE_EXTRA = fixed, extra0
         svd._ITERATIONS.clear()
     return out
 

@@ -317,8 +317,8 @@ def test_fixed_iteration_subspace_runs_the_known_count_and_a_failed_check_raises
         lam[:, :len(top)] = torch.tensor(top, dtype=torch.float64)
         return (q * lam.unsqueeze(-2)) @ q.transpose(-1, -2)
 
-    # the block of q = p + svd._EXTRA vectors converges at (l_{q+1} / l_2)^2 per iteration: 0.6 (easy) vs 0.9 (hard)
-    q_block = p + svd._EXTRA
+    # a block of q = p + SUBSPACE_EXTRA vectors converges at (l_{q+1} / l_2)^2 per iteration: 0.6 (easy), 0.9 (hard)
+    q_block = p + svd.SUBSPACE_EXTRA
     easy = with_top([1.0, 0.5])
     hard = with_top([1.0, 0.95] + torch.linspace(0.94, 0.855, q_block).tolist())
 

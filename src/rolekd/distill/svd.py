@@ -83,7 +83,7 @@ def _solver(g: torch.Tensor, p: int, solver: str) -> str:
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     r = g.shape[-1]
-    if min(r, p + _EXTRA) >= r:  # a subspace block as large as the matrix: nothing to gain
+    if min(r, p + SUBSPACE_EXTRA) >= r:  # a subspace block as large as the matrix: nothing to gain
         return "eigh"
     if solver != "auto":
         return solver
@@ -93,7 +93,7 @@ def _solver(g: torch.Tensor, p: int, solver: str) -> str:
 
 # the subspace block: the wanted pairs and 16 more (8 before: about twice the iterations - and operators - on
 # ResNet18's and WRN's taps and on mild or flat spectra, for about the same arithmetic; RESULTS.md, issue 32)
-_EXTRA = 16
+SUBSPACE_EXTRA = 16
 _START: dict[tuple, torch.Tensor] = {}
 
 # On these devices the subspace iteration runs a known number of iterations without a convergence check (each
@@ -167,7 +167,7 @@ def top_eigh(g: torch.Tensor, p: int, max_iter: int | None = None, tol: float | 
     tol = (1e-11 if f64 else 1e-5) if tol is None else tol
     max_iter = (400 if f64 else 60) if max_iter is None else max_iter
     with torch.no_grad(), torch.autocast(device_type=g.device.type, enabled=False):
-        q = min(r, p + _EXTRA)
+        q = min(r, p + SUBSPACE_EXTRA)
         if _solver(g, p, solver) == "eigh":
             lam, v = full_eigh(g)
             return lam[..., :p].clamp_min(0).to(g.dtype), v[..., :p].to(g.dtype)
