@@ -38,9 +38,8 @@ regularised to ``d / (d^2 + tau^2)`` per eigen-direction (``d = l_i - l_j``, ``t
 student's vectors: 6-7x faster than ``subspace`` forward + backward there, bench_eigen_solvers.py; the
 teacher's, without a gradient, ride in the student's call of the same size: a few operators instead of a
 subspace iteration's hundreds and its host-side convergence checks, at the same CPU step speed); ``subspace``
-otherwise -
-CUDA above 32 x 32, where ``eigh`` loops over the batch (it made a ResNet18 KD-SVD step ~20x slower
-than plain training).
+otherwise - CUDA above 32 x 32, where ``eigh`` loops over the batch (it made a ResNet18 KD-SVD step ~20x
+slower than plain training).
 
 Guards (no NaN/Inf ever reaches the weights): float32 or better, autocast off, ``1/s`` regularised by
 ``eps * s_max``, a right vector whose singular value is 0 is the zero vector, non-finite backward
@@ -76,6 +75,9 @@ def feature_matrix(f: torch.Tensor) -> torch.Tensor:
 _EIGH_SMALL = 32  # the full eigh up to this size everywhere (CUDA: batched Jacobi)
 _EIGH_MAX = 256  # and, off CUDA (LAPACK), up to this size
 SOLVERS = ("auto", "eigh", "subspace")
+# the subspace block: the wanted pairs and 16 more (8 before: about twice the iterations - and operators - on
+# ResNet18's and WRN's taps and on mild or flat spectra, for about the same arithmetic; RESULTS.md, issue 32)
+SUBSPACE_EXTRA = 16
 
 
 def _solver(g: torch.Tensor, p: int, solver: str) -> str:
@@ -91,9 +93,6 @@ def _solver(g: torch.Tensor, p: int, solver: str) -> str:
     return "eigh" if r <= limit else "subspace"
 
 
-# the subspace block: the wanted pairs and 16 more (8 before: about twice the iterations - and operators - on
-# ResNet18's and WRN's taps and on mild or flat spectra, for about the same arithmetic; RESULTS.md, issue 32)
-SUBSPACE_EXTRA = 16
 _START: dict[tuple, torch.Tensor] = {}
 
 # On these devices the subspace iteration runs a known number of iterations without a convergence check (each
@@ -218,6 +217,7 @@ class _TopEigh(torch.autograd.Function):
         # frozen: the first rows of g need no gradient (the teacher's matrices solved with the student's): the
         # backward skips them and gives them zeros
         ctx.eps, ctx.frozen = eps, frozen
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: no work on zeros
         if _solver(g, p, solver) == "eigh":
             lam_all, v_all = full_eigh(g)
             p = min(p, g.shape[-1])
@@ -233,6 +233,8 @@ class _TopEigh(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_v, g_lam):
         f = ctx.frozen
+        if g_v is None and g_lam is None:
+            return None, None, None, None, None
         if f:
             g_v, g_lam = (None if t is None else t[f:] for t in (g_v, g_lam))
         grad = _spectral_backward(ctx, g_v, g_lam) if ctx.spectral else _subspace_backward(ctx, g_v, g_lam)
