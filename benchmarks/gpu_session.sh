@@ -92,7 +92,8 @@ mode_search_more() {
 mode_kd() {  # issue 32: the KD step at the issue's base (.gpu/base/src) and now, same card, alternating
   local kd="benchmarks/bench_kd.py --device cuda --model resnet18 --batch 256 --bits 4 --methods iikd --steps 30"
   # whether cuSOLVER's batched eigh now beats the subspace iteration above 32 rows (CUDA's solver choice)
-  step 90 eigen python3 benchmarks/bench_eigen_solvers.py --device cuda --rows 512 --skip-iterations --out $OUT/eigen.json
+  step 90 eigen python3 benchmarks/bench_eigen_solvers.py --device cuda --rows 512 --repeats 3 --skip-iterations \
+    --out $OUT/eigen.json
   step 120 kd_base_1 python3 $kd --src .gpu/base/src --out $OUT/kd_base_1.json
   step 120 kd_new_1 python3 $kd --out $OUT/kd_new_1.json
   step 120 kd_new_2 python3 $kd --out $OUT/kd_new_2.json
