@@ -63,7 +63,7 @@ class GraphAttention(nn.Module):
         b = v_cur.shape[0]
         k = self.key(v_cur).view(b, self.dim, self.heads).permute(2, 0, 1)  # (H, B, D)
         q = self.query(v_prev).view(b, self.dim, self.heads).permute(2, 1, 0)  # (H, D, B)
-        return k @ q
+        return torch.bmm(k, q)  # one operator (``@`` adds its views and their backward nodes)
 
     def estimate(self, v_prev: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Estimate ``v_l`` (B, C_l), unit norm, from ``v_{l-1}`` and the raw graphs ``g`` (H, B, B)."""

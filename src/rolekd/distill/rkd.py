@@ -52,7 +52,7 @@ def _distance_potential(e: torch.Tensor) -> torch.Tensor:
 
 def _angle_potential(e: torch.Tensor) -> torch.Tensor:
     diff = l2_normalize(e.unsqueeze(0) - e.unsqueeze(1), 2)  # diff[i, j] = n(e_j - e_i)
-    return diff @ diff.transpose(1, 2)  # [i, j, k] = <n(e_j - e_i), n(e_k - e_i)>
+    return torch.bmm(diff, diff.transpose(1, 2))  # [i, j, k] = <n(e_j - e_i), n(e_k - e_i)>; one operator
 
 
 def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, w_dist: float = 25.0, w_angle: float = 50.0,

@@ -328,10 +328,11 @@ def _right_vectors(x: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, eps: flo
     if not left:
         return u, lam.clamp_min(0).sqrt()
     lam_max = lam[..., :1].detach()
-    inv_s = torch.rsqrt(lam.clamp_min(0) + eps * eps * lam_max + 1e-30)  # 1/s, regularised by eps*s_max
+    lam0 = lam.clamp_min(0)
+    inv_s = torch.rsqrt(lam0 + eps * eps * lam_max + 1e-30)  # 1/s, regularised by eps*s_max
     keep = (lam.detach() > 1e-12 * lam_max).to(x.dtype)  # no right vector for a zero singular value
     v = _mm(x.transpose(-1, -2), u) * (inv_s * keep).unsqueeze(-2)
-    return v, lam.clamp_min(0).sqrt()
+    return v, lam0.sqrt()
 
 
 def top_right_singular(x: torch.Tensor, n: int, eps: float = 1e-4,
