@@ -183,7 +183,6 @@ def test_singular_vectors_solved_together_are_each_solved_alone(solver, monkeypa
         torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-9)
 
 
-
 def test_on_the_cpu_the_teachers_vectors_come_from_lapack_in_the_students_call(monkeypatch):
     """On the CPU a teacher's Gram matrix (no gradient) of 33-256 rows is solved by LAPACK's eigh in the student's
     call of its size, not by the subspace iteration (hundreds of operators, a host-side check each call): its
@@ -202,6 +201,7 @@ def test_on_the_cpu_the_teachers_vectors_come_from_lapack_in_the_students_call(m
     _, u = torch.linalg.eigh(x.transpose(-1, -2) @ x)
     assert torch.equal(pair.teacher, canonical_sign(u[..., -1:]))
     assert pair.student.grad_fn is not None
+
 
 def test_kd_losses_from_singular_vectors_solved_together_equal_the_per_tap_solves_in_float64():
     """singular_pairs solves all taps' problems together; the KD-SVD loss and its gradient on every student map must

@@ -85,7 +85,7 @@ def _solver(g: torch.Tensor, p: int, solver: str) -> str:
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     r = g.shape[-1]
-    if min(r, p + SUBSPACE_EXTRA) >= r:  # a subspace block as large as the matrix: nothing to gain
+    if p + SUBSPACE_EXTRA >= r:  # a subspace block as large as the matrix: nothing to gain
         return "eigh"
     if solver != "auto":
         return solver
