@@ -192,6 +192,22 @@ def test_activation_gradient_of_a_channels_last_map_is_the_clip_mask():
     assert torch.equal(x.grad, g * ((x.detach() >= 0) & (x.detach() <= 1)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_activation_gradient_is_the_clip_mask_to_the_bit_at_the_edges(dtype):
+    """The backward (one ``hardtanh_backward`` on the saved input between the neighbours of 0 and 1) passes the
+    gradient exactly where ``0 <= x <= 1``: at -0, 0, 1, their neighbours in each dtype, the smallest subnormals
+    and the infinities, as the mask ``(x >= 0) & (x <= 1)`` does."""
+    zero, one = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
+    tiny = torch.nextafter(zero, one)
+    edges = [zero, -zero, one, tiny, -tiny, torch.nextafter(one, zero), torch.nextafter(one, one + one),
+             torch.nextafter(zero, -one), torch.tensor(float("inf"), dtype=dtype), torch.tensor(-float("inf"), dtype=dtype),
+             torch.tensor(0.5, dtype=dtype), torch.tensor(-3.0, dtype=dtype), torch.tensor(7.0, dtype=dtype)]
+    x = torch.stack(edges).requires_grad_(True)
+    g = torch.arange(1, len(edges) + 1, dtype=dtype)
+    (quantize_activation(x, 4) * g).sum().backward()
+    assert torch.equal(x.grad, g * ((x.detach() >= 0) & (x.detach() <= 1)).to(dtype))
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_activation_gradient_passes_inside_clip_only(k):
     rng = np.random.default_rng(30 + k)

@@ -40,7 +40,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._C._functorch import is_batchedtensor, peek_interpreter_stack
+from torch._C._functorch import peek_interpreter_stack
 
 from ..errors import UserError
 from ..models.common import QuantPoint
@@ -103,35 +103,41 @@ class _ActQuant(torch.autograd.Function):
     """k-bit DoReFa activations in one node: forward ``round(n clip(x, 0, 1)) / n``; backward the
     gradient of the clip (1 for ``0 <= x <= 1``, else 0) - the rounding is straight-through.
 
-    The forward also returns that mask (non-differentiable, saved for the backward) as ``x``'s dtype:
-    ``clip(x, 0, 1) == x`` is one comparison where ``(x >= 0) & (x <= 1)`` took three passes, and a
-    float mask makes the backward's product 2x faster than a boolean one (the KD objective's clipped step
-    runs the backward twice). ``setup_context`` form with a generated vmap rule (see :class:`_WeightQuant`).
-    Without gradients (evaluation) :func:`quantize_activation` skips this node and the mask."""
+    The backward is one operator on the saved input (no mask made in the forward): ``hardtanh_backward``
+    passes the gradient where ``lo < x < hi``, and with ``lo``, ``hi`` the neighbours of 0 and 1 below and
+    above in ``x``'s dtype (:func:`_clip_bounds`) that is exactly ``0 <= x <= 1`` - the clip's mask, to the
+    bit, for every input but NaN (whose gradient it passes; its output is NaN either way). The input is
+    kept alive already where the network saves it for its own backward (a ReLU's output). Before: a float
+    mask ``clip(x, 0, 1) == x`` made in the forward (two more operators a call) and multiplied in.
+    ``setup_context`` form with a generated vmap rule (see :class:`_WeightQuant`). Without gradients
+    (evaluation) :func:`quantize_activation` skips this node."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: torch.Tensor, n: float):
-        c = torch.clamp(x, 0.0, 1.0)
-        if is_batchedtensor(x):  # under vmap (the fused search executor): out= has no batching rule
-            inside = torch.eq(c, x).to(x.dtype)
-        else:  # one pass straight into a float mask (a bool mask converted after costs two more)
-            inside = torch.empty_like(x)
-            torch.eq(c, x, out=inside)
-        return _round_levels_(c, n), inside
+        return _quantize_levels(x, n)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, inside = output
-        ctx.mark_non_differentiable(inside)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(inside)
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor, _g_inside):
-        inside, = ctx.saved_tensors
-        return g * inside, None
+    def backward(ctx, g: torch.Tensor):
+        x, = ctx.saved_tensors
+        lo, hi = _clip_bounds(x.dtype)
+        return torch.ops.aten.hardtanh_backward(g, x, lo, hi), None
+
+
+_BOUNDS: dict[torch.dtype, tuple[float, float]] = {}
+
+
+def _clip_bounds(dtype: torch.dtype) -> tuple[float, float]:
+    """The largest value below 0 and the smallest above 1 in ``dtype``: ``lo < x < hi`` iff ``0 <= x <= 1``."""
+    if dtype not in _BOUNDS:
+        zero, one = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
+        _BOUNDS[dtype] = (float(torch.nextafter(zero, -one)), float(torch.nextafter(one, one + one)))
+    return _BOUNDS[dtype]
 
 
 def _round_levels_(c: torch.Tensor, n: float) -> torch.Tensor:
@@ -243,7 +249,7 @@ def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
     n = float(2 ** bits - 1)
     if not torch.is_grad_enabled():
         return _quantize_levels(x, n)
-    return _ActQuant.apply(x, n)[0]
+    return _ActQuant.apply(x, n)
 
 
 class _QuantMixin:
