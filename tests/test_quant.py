@@ -199,9 +199,9 @@ def test_activation_gradient_is_the_clip_mask_to_the_bit_at_the_edges(dtype):
     and the infinities, as the mask ``(x >= 0) & (x <= 1)`` does."""
     zero, one = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
     tiny = torch.nextafter(zero, one)
+    inf = torch.tensor(float("inf"), dtype=dtype)
     edges = [zero, -zero, one, tiny, -tiny, torch.nextafter(one, zero), torch.nextafter(one, one + one),
-             torch.nextafter(zero, -one), torch.tensor(float("inf"), dtype=dtype), torch.tensor(-float("inf"), dtype=dtype),
-             torch.tensor(0.5, dtype=dtype), torch.tensor(-3.0, dtype=dtype), torch.tensor(7.0, dtype=dtype)]
+             torch.nextafter(zero, -one), inf, -inf, *(torch.tensor(v, dtype=dtype) for v in (0.5, -3.0, 7.0))]
     x = torch.stack(edges).requires_grad_(True)
     g = torch.arange(1, len(edges) + 1, dtype=dtype)
     (quantize_activation(x, 4) * g).sum().backward()

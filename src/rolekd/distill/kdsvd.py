@@ -60,7 +60,7 @@ class _RelationGap(torch.autograd.Function):
 
 def relation_gap(v: torch.Tensor, v_prev: torch.Tensor, target: torch.Tensor, sigma: float = 8.0) -> torch.Tensor:
     """``((rbf_relation(v, v_prev, sigma) - target) ** 2).sum()``, fused (``target`` carries no gradient)."""
-    return _RelationGap.apply(v, v_prev, target.detach(), float(sigma))
+    return _RelationGap.apply(v, v_prev, target.detach() if target.requires_grad else target, float(sigma))
 
 
 def kdsvd_loss_from_pairs(pairs: list[SingularPair], sigma: float = 8.0) -> torch.Tensor:

@@ -167,7 +167,7 @@ class MHGD(Distiller):
         """Top right singular vector (canonical sign) of each tap, ``[(B, C_l)]``, no gradient; the taps'
         eigen-problems of one size solved in one call (:func:`~rolekd.distill.svd.top_right_singular_many`)."""
         with torch.no_grad():
-            found = top_right_singular_many([feature_matrix(f.detach()) for f in features.values()],
+            found = top_right_singular_many([feature_matrix(f) for f in features.values()],
                                             [1] * len(features), self.eps)
             return [canonical_sign(v)[..., 0] for v, _ in found]
 

@@ -203,44 +203,80 @@ def top_eigh(g: torch.Tensor, p: int, max_iter: int | None = None, tol: float | 
 
 
 class _TopEigh(torch.autograd.Function):
-    """Top-``p`` eigenpairs of a symmetric PSD matrix with a regularised, NaN-free backward.
+    """Top eigenpairs of symmetric PSD matrices with a regularised, NaN-free backward.
 
     For an eigenvector ``v_i`` (value ``l_i``) the exact derivative is ``dv_i = (l_i I - G)^+ dG v_i``.
     We apply ``(l_i I - G) ((l_i I - G)^2 + tau^2 I)^-1`` instead: per eigen-direction ``j`` this is
     ``d / (d^2 + tau^2)`` with ``d = l_i - l_j``, i.e. ``1/d`` for separated values and 0 for equal
     ones; ``tau = eps * l_max``. With the full spectrum (solver ``eigh``) it is applied in the
     eigenbasis; without it (``subspace``) as ``Re[(l_i I - G + i tau I)^-1]``, one complex128 solve.
+
+    ``apply(p, eps, solver, ns, *grams)``: the matrices ``grams`` (each (B_i, r, r), one size) solved in one
+    batched call for ``p`` pairs, the ones that need no gradient (the teacher's) first; returns each matrix's
+    vectors ``(B_i, r, ns[i])``, then each one's values ``(B_i, ns[i])``. A matrix's outputs are its own
+    (split and cut inside this node: no split, cut or concatenation nodes of autograd around it, and no
+    detach of the gradient-free ones, which come out non-differentiable); the backward works on the rows
+    with a gradient only and returns none for the others.
     """
 
     @staticmethod
-    def forward(ctx, g: torch.Tensor, p: int, eps: float, solver: str = "auto", frozen: int = 0):
-        # frozen: the first rows of g need no gradient (the teacher's matrices solved with the student's): the
-        # backward skips them and gives them zeros
-        ctx.eps, ctx.frozen = eps, frozen
+    def forward(ctx, p: int, eps: float, solver: str, ns: tuple[int, ...], *grams: torch.Tensor):
+        live = ctx.needs_input_grad[4:]
+        frozen = sum(g.shape[0] for g, need in zip(grams, live) if not need)
+        ctx.eps, ctx.live = eps, live
+        ctx.sizes = [g.shape[0] for g, need in zip(grams, live) if need]
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: no work on zeros
+        g = grams[0] if len(grams) == 1 else torch.cat(grams)
         if _solver(g, p, solver) == "eigh":
             lam_all, v_all = full_eigh(g)
             p = min(p, g.shape[-1])
-            lam, v = lam_all[..., :p].clamp_min(0), v_all[..., :p]
-            ctx.save_for_backward(lam_all[frozen:], v_all[frozen:])
+            lam, v = lam_all[..., :p].clamp_min(0).to(g.dtype), v_all[..., :p].to(g.dtype)
+            if frozen < g.shape[0]:
+                ctx.save_for_backward(*((lam_all, v_all) if not frozen else (lam_all[frozen:], v_all[frozen:])))
             ctx.spectral = True
-            return v.to(g.dtype), lam.to(g.dtype)
-        lam, v = top_eigh(g, p, solver="subspace")
-        ctx.save_for_backward(g[frozen:], lam[frozen:], v[frozen:])
-        ctx.spectral = False
-        return v, lam
+        else:
+            lam, v = top_eigh(g, p, solver="subspace")
+            if frozen < g.shape[0]:
+                ctx.save_for_backward(*((g, lam, v) if not frozen else (g[frozen:], lam[frozen:], v[frozen:])))
+            ctx.spectral = False
+        ctx.p = v.shape[-1]
+        sizes = [x.shape[0] for x in grams]
+        us = (v,) if len(grams) == 1 else v.split(sizes)
+        lams = (lam,) if len(grams) == 1 else lam.split(sizes)
+        us = [u if n == u.shape[-1] else u[..., :n] for u, n in zip(us, ns)]  # fewer vectors than the group's p
+        lams = [lm if n == lm.shape[-1] else lm[..., :n] for lm, n in zip(lams, ns)]
+        ctx.mark_non_differentiable(*(t for ts in (us, lams) for t, need in zip(ts, live) if not need))
+        return (*us, *lams)
 
     @staticmethod
-    def backward(ctx, g_v, g_lam):
-        f = ctx.frozen
+    def backward(ctx, *grads):
+        m = len(ctx.live)
+        g_us = [g for g, need in zip(grads[:m], ctx.live) if need]
+        g_lams = [g for g, need in zip(grads[m:], ctx.live) if need]
+        g_v, g_lam = _joined(g_us, ctx.sizes, ctx.p), _joined(g_lams, ctx.sizes, ctx.p)
+        none = (None,) * (4 + m)
         if g_v is None and g_lam is None:
-            return None, None, None, None, None
-        if f:
-            g_v, g_lam = (None if t is None else t[f:] for t in (g_v, g_lam))
+            return none
         grad = _spectral_backward(ctx, g_v, g_lam) if ctx.spectral else _subspace_backward(ctx, g_v, g_lam)
-        if f and grad is not None:  # zeros for the frozen rows (one padding operator)
-            grad = torch.nn.functional.pad(grad, (0, 0) * (grad.dim() - 1) + (f, 0))
-        return grad, None, None, None, None
+        parts = iter((grad,) if len(ctx.sizes) == 1 else grad.split(ctx.sizes))
+        return (None,) * 4 + tuple(next(parts) if need else None for need in ctx.live)
+
+
+def _joined(gs: list, sizes: list[int], k: int) -> torch.Tensor | None:
+    """The gradients ``gs`` of the rows with a gradient (None: unused) as one batch of ``k`` columns (the group's
+    pairs: zeros for a missing gradient and for the columns a matrix wanting fewer pairs lacks); None if all
+    are None."""
+    if all(g is None for g in gs):
+        return None
+    like = next(g for g in gs if g is not None)
+    full = []
+    for g, size in zip(gs, sizes):
+        if g is None:
+            g = like.new_zeros((size, *like.shape[1:-1], k))
+        elif g.shape[-1] < k:
+            g = torch.nn.functional.pad(g, (0, k - g.shape[-1]))
+        full.append(g)
+    return full[0] if len(full) == 1 else torch.cat(full)
 
 
 def _subspace_backward(ctx, g_v, g_lam):
@@ -324,15 +360,20 @@ def _gram(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def _right_vectors(x: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, eps: float,
                    left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Right singular vectors and values of ``x`` from the top eigenpairs ``u``, ``lam`` of its Gram matrix: ``u``
-    itself for ``X^T X``; for ``X X^T`` (``left``) ``v = X^T u / s`` (zero when ``s`` is)."""
+    itself for ``X^T X``; for ``X X^T`` (``left``) ``v = X^T u / s`` (zero when ``s`` is). The values carry no
+    gradient (made without one: no detach operators)."""
     if not left:
-        return u, lam.clamp_min(0).sqrt()
-    lam_max = lam[..., :1].detach()
+        with torch.no_grad():
+            return u, lam.clamp_min(0).sqrt()
     lam0 = lam.clamp_min(0)
-    inv_s = torch.rsqrt(lam0 + eps * eps * lam_max + 1e-30)  # 1/s, regularised by eps*s_max
-    keep = (lam.detach() > 1e-12 * lam_max).to(x.dtype)  # no right vector for a zero singular value
+    with torch.no_grad():
+        lam_max = lam[..., :1]
+        shift = lam_max * (eps * eps)
+        keep = (lam > 1e-12 * lam_max).to(x.dtype)  # no right vector for a zero singular value
+        s = lam0.sqrt()
+    inv_s = torch.rsqrt(lam0 + shift + 1e-30)  # 1/s, regularised by eps*s_max
     v = _mm(x.transpose(-1, -2), u) * (inv_s * keep).unsqueeze(-2)
-    return v, lam0.sqrt()
+    return v, s
 
 
 def top_right_singular(x: torch.Tensor, n: int, eps: float = 1e-4,
@@ -352,7 +393,7 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
     """:func:`top_right_singular` of each ``(x, n)`` (each ``x`` (B, M, N)), with the eigenproblems of one size
     and solver solved in one batched call: all of a KD step's taps, teacher and student, in a few calls instead
     of two per tap (each a chain of dozens of small operators). A matrix needing no gradient (the teacher's)
-    shares a call with ones that do and gets no backward work (:class:`_TopEigh`'s ``frozen`` rows).
+    shares a call with ones that do and gets no backward work (its rows go first and come out non-differentiable).
 
     With the full spectrum (``eigh``) every matrix is solved on its own inside the batch: the same vectors as
     one call each, to the bit. On the devices in ``GROUP_SUBSPACE_DEVICES`` (CUDA) the subspace iteration also
@@ -376,18 +417,12 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
             groups.setdefault((how, g.shape[1:], g.dtype, g.device, i if alone else None), []).append(i)
         for (how, *_), idx in groups.items():
             idx.sort(key=lambda i: grads[i])  # the rows without a gradient first
-            sizes = [grams[i][0].shape[0] for i in idx]
-            frozen = sum(size for i, size in zip(idx, sizes) if not grads[i])
-            g = grams[idx[0]][0] if len(idx) == 1 else torch.cat([grams[i][0] for i in idx])
             with torch.set_grad_enabled(any(grads[i] for i in idx)):
-                u, lam = _TopEigh.apply(g, max(ns[i] for i in idx), eps, how, frozen)
-            for i, ui, li in zip(idx, u.split(sizes), lam.split(sizes)):
-                if ui.shape[-1] != ns[i]:  # fewer vectors than the group's largest n
-                    ui, li = ui[..., :ns[i]], li[..., :ns[i]]
+                found = _TopEigh.apply(max(ns[i] for i in idx), eps, how, tuple(ns[i] for i in idx),
+                                       *(grams[i][0] for i in idx))
+            for i, ui, li in zip(idx, found[:len(idx)], found[len(idx):]):
                 with torch.set_grad_enabled(grads[i]):
-                    v, sv = _right_vectors(xs[i], ui if grads[i] else ui.detach(), li if grads[i] else li.detach(),
-                                           eps, grams[i][1])
-                out[i] = (v, sv.detach())
+                    out[i] = _right_vectors(xs[i], ui, li, eps, grams[i][1])
     return out
 
 
@@ -402,11 +437,11 @@ def align_rsv(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
     For teacher column ``j`` the student column with the largest ``|cos|`` is taken and multiplied by
     the sign of that cosine (``+1`` when the cosine is 0), as upstream's ``Align_rsv``.
     """
-    cos = _mm(v_s.transpose(-1, -2), v_t.detach())  # (B, ns, nt)
-    idx = cos.abs().argmax(dim=-2)  # (B, nt)
-    picked = torch.gather(v_s, -1, idx.unsqueeze(-2).expand(-1, v_s.shape[-2], -1))
-    c = torch.gather(cos, -2, idx.unsqueeze(-2)).detach()  # (B, 1, nt)
-    return picked * torch.where(c >= 0, 1.0, -1.0).to(picked.dtype)
+    with torch.no_grad():  # the choice and its sign carry no gradient (made without one: no detach operators)
+        cos = _mm(v_s.transpose(-1, -2), v_t)  # (B, ns, nt)
+        idx = cos.abs().argmax(dim=-2).unsqueeze(-2)  # (B, 1, nt)
+        sign = torch.where(torch.gather(cos, -2, idx) >= 0, 1.0, -1.0).to(v_s.dtype)  # (B, 1, nt)
+    return torch.gather(v_s, -1, idx.expand(-1, v_s.shape[-2], -1)) * sign
 
 
 @dataclass
@@ -446,7 +481,7 @@ def singular_pairs(student: dict[str, torch.Tensor], teacher: dict[str, torch.Te
         raise UserError(f"{method}: need 1 <= k <= candidates, got k={k}, candidates={candidates}")
     names = check_taps(student, teacher, method)
     with torch.no_grad():
-        xs = [feature_matrix(teacher[name].detach()) for name in names]
+        xs = [feature_matrix(teacher[name]) for name in names]
     xs += [feature_matrix(student[name]) for name in names]
     found = top_right_singular_many(xs, [k] * len(names) + [candidates] * len(names), eps)
     pairs = []
