@@ -470,6 +470,53 @@ def test_mhgd_requires_prepare_and_prepare_trains_then_freezes(batch):
         float(m(Outputs(None, f2), Outputs(None, feats), None)), rel=1e-6)
 
 
+def test_mhgd_frozen_graph_folds_batchnorm_into_the_keys_and_queries_and_refolds_after_a_change():
+    """The frozen attention network's graphs in evaluation mode (the KD loss) come from linear maps with the
+    BatchNorm folded in: the definition's numbers (linear, BatchNorm with running statistics, per-head product)
+    in float64 to rounding, made again when a weight or statistic changes in place, is replaced or is loaded."""
+    from rolekd.distill import GraphAttention
+
+    def definition(att, v_cur, v_prev):
+        b, d, h = len(v_cur), att.dim, att.heads
+        parts = []
+        for (lin, bn), v in ((att.key, v_cur), (att.query, v_prev)):
+            z = F.batch_norm(v @ lin.weight.T, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            parts.append(z.view(b, d, h))
+        return torch.einsum("idh,jdh->hij", *parts)
+
+    def randomised(seed):
+        torch.manual_seed(seed)
+        att = GraphAttention(12, 8, heads=3)
+        for bn in (att.key[1], att.query[1]):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.01, 0.5)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+        return att.double().eval().requires_grad_(False)
+
+    att = randomised(0)
+    v_cur, v_prev = torch.randn(5, 12, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(att.graph(v_cur, v_prev), definition(att, v_cur, v_prev), rtol=1e-12, atol=1e-13)
+    assert "_fold" in att.__dict__  # the folded path ran
+    for change in (lambda: att.key[1].running_var.mul_(3.0), lambda: att.query[0].weight.add_(0.1),
+                   lambda: att.load_state_dict(randomised(1).state_dict())):
+        before = att.graph(v_cur, v_prev)
+        change()
+        got = att.graph(v_cur, v_prev)
+        torch.testing.assert_close(got, definition(att, v_cur, v_prev), rtol=1e-12, atol=1e-13)
+        assert not torch.allclose(got, before)
+    att = att.float()  # replaced tensors
+    torch.testing.assert_close(att.graph(v_cur.float(), v_prev.float()), definition(att, v_cur.float(), v_prev.float()),
+                               rtol=1e-5, atol=1e-6)
+    # a gradient reaches the vectors (the student's) the same way as through the definition
+    v = v_cur.clone().requires_grad_(True)
+    w = torch.randn(3, 5, 5, dtype=torch.float64)
+    att = att.double()
+    g, = torch.autograd.grad((att.graph(v, v_prev) * w).sum(), v)
+    g_ref, = torch.autograd.grad((definition(att, v, v_prev) * w).sum(), v)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-13)
+
+
 # ----------------------------------------------------------------------------- objective
 def test_lam_schedule():
     obj = KDObjective(TinyNet(), create_distiller("soft"))

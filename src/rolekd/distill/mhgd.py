@@ -46,6 +46,11 @@ from .base import Distiller, register
 from .svd import SingularPair, canonical_sign, feature_matrix, singular_pairs, top_right_singular_many
 
 
+# The frozen attention network's graphs from linear maps with its BatchNorm folded in (the same function, rounded
+# differently; docs/RECIPE.md); False computes them as while training (linear, BatchNorm, per-head product).
+FOLD_FROZEN_ATTENTION = True
+
+
 class GraphAttention(nn.Module):
     """The multi-head attention between two consecutive taps (plus the estimator used to train it)."""
 
@@ -59,11 +64,48 @@ class GraphAttention(nn.Module):
         self.est_out = nn.Linear(d * heads, c_cur)
 
     def graph(self, v_cur: torch.Tensor, v_prev: torch.Tensor) -> torch.Tensor:
-        """Raw attention logits ``(H, B, B)`` from vectors ``(B, C_l)`` and ``(B, C_{l-1})``."""
+        """Raw attention logits ``(H, B, B)`` from vectors ``(B, C_l)`` and ``(B, C_{l-1})``.
+
+        Frozen and in evaluation mode (the KD loss) each BatchNorm is an affine map, folded into its linear
+        layer once (:meth:`_folded`, remade when a weight or statistic changes): keys and queries come per
+        head straight from one ``baddbmm`` each, 6 operators a graph instead of 13 (and their backward) - the
+        same function, rounded differently (float64: equal to ~1e-15, test_distill)."""
         b = v_cur.shape[0]
+        if FOLD_FROZEN_ATTENTION and not self.training and not any(p.requires_grad for p in self._fold_inputs()):
+            wk, bk, wq, bq = self._folded()
+            h, c_cur, c_prev = wk.shape[0], v_cur.shape[-1], v_prev.shape[-1]
+            k = torch.baddbmm(bk, v_cur.expand(h, b, c_cur), wk)  # (H, B, D)
+            q = torch.baddbmm(bq, wq, v_prev.t().expand(h, c_prev, b))  # (H, D, B)
+            return torch.bmm(k, q)
         k = self.key(v_cur).view(b, self.dim, self.heads).permute(2, 0, 1)  # (H, B, D)
         q = self.query(v_prev).view(b, self.dim, self.heads).permute(2, 1, 0)  # (H, D, B)
         return torch.bmm(k, q)  # one operator (``@`` adds its views and their backward nodes)
+
+    def _fold_inputs(self) -> tuple[torch.Tensor, ...]:
+        (lk, bnk), (lq, bnq) = self.key, self.query
+        return (lk.weight, bnk.weight, bnk.bias, bnk.running_mean, bnk.running_var,
+                lq.weight, bnq.weight, bnq.bias, bnq.running_mean, bnq.running_var)
+
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The key's and the query's evaluation-mode BatchNorm folded into their linear maps, per head: key weight
+        ``(H, C_l, D)`` and bias ``(H, 1, D)``, query weight ``(H, D, C_{l-1})`` and bias ``(H, D, 1)``; made again
+        when one of the tensors it is made from is replaced or changed in place (a load, ``.to()``)."""
+        inputs = self._fold_inputs()
+        made = self.__dict__.get("_fold")
+        if made is None or not all(a is b and a._version == v for a, (b, v) in zip(inputs, made[0])):
+            with torch.no_grad():
+                out = []
+                for lin, bn in (self.key, self.query):
+                    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (D*H,), unit j = d * H + h
+                    w = (lin.weight * scale[:, None]).view(self.dim, self.heads, -1)  # (D, H, C)
+                    bias = (bn.bias - bn.running_mean * scale).view(self.dim, self.heads)  # (D, H)
+                    out.append((w, bias))
+                (wk, bk), (wq, bq) = out
+                folded = (wk.permute(1, 2, 0).contiguous(), bk.t().unsqueeze(1).contiguous(),
+                          wq.permute(1, 0, 2).contiguous(), bq.t().unsqueeze(2).contiguous())
+            self.__dict__["_fold"] = (tuple((t, t._version) for t in inputs), folded)
+            made = self.__dict__["_fold"]
+        return made[1]
 
     def estimate(self, v_prev: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Estimate ``v_l`` (B, C_l), unit norm, from ``v_{l-1}`` and the raw graphs ``g`` (H, B, B)."""
