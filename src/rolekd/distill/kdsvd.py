@@ -48,7 +48,8 @@ class _RelationGap(torch.autograd.Function):
         r = e - target
         ctx.save_for_backward(d, e, r)
         ctx.sigma = sigma
-        return torch.dot(r.flatten(), r.flatten())
+        flat = r.flatten()
+        return torch.dot(flat, flat)
 
     @staticmethod
     def backward(ctx, g):
@@ -67,7 +68,7 @@ def kdsvd_loss_from_pairs(pairs: list[SingularPair], sigma: float = 8.0) -> torc
     """KD-SVD loss from per-tap aligned singular vectors (see the module docstring)."""
     if len(pairs) < 2:
         raise UserError("kdsvd needs at least two feature taps (it relates consecutive layers)")
-    loss = pairs[0].student.new_zeros(())
+    loss = None
     prev = None
     for p in pairs:
         scale = p.teacher_sigma.unsqueeze(1)  # (B, 1, k)
@@ -75,7 +76,8 @@ def kdsvd_loss_from_pairs(pairs: list[SingularPair], sigma: float = 8.0) -> torc
         if prev is not None:
             with torch.no_grad():
                 g_t = rbf_relation(v_t, prev[1], sigma)
-            loss = loss + relation_gap(v_s, prev[0], g_t, sigma)
+            gap = relation_gap(v_s, prev[0], g_t, sigma)
+            loss = gap if loss is None else loss + gap
         prev = (v_s, v_t)
     return loss
 

@@ -301,13 +301,17 @@ class MHGD(Distiller):
         self._check_ready(pairs)
         if self.attention.training:
             self.attention.eval()
-        loss = pairs[0].student.new_zeros(())
+        g_s, g_t = [], []
         for att, prev, cur in zip(self.attention, pairs[:-1], pairs[1:]):
-            g_s = att.graph(cur.student[..., 0], prev.student[..., 0])
+            g_s.append(att.graph(cur.student[..., 0], prev.student[..., 0]))
             with torch.no_grad():
-                g_t = att.graph(cur.teacher[..., 0], prev.teacher[..., 0])
-            loss = loss + graph_kl(g_s, g_t)
-        return loss
+                g_t.append(att.graph(cur.teacher[..., 0], prev.teacher[..., 0]))
+        if not g_s:
+            return pairs[0].student.new_zeros(())
+        if len({g.shape for g in g_s}) > 1:  # graphs of one batch are all (H, B, B); else pair by pair
+            return sum(graph_kl(a, b) for a, b in zip(g_s, g_t))
+        # every pair's graphs in one KL (summed over rows, heads and pairs): 8 operators, not 8 per pair
+        return graph_kl(torch.stack(g_s), torch.stack(g_t))
 
     def forward(self, student, teacher, labels):
         return self.loss_from_pairs(self.pairs(student, teacher))

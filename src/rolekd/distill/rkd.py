@@ -40,13 +40,24 @@ def l2_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim, keepdim=True).clamp_min(1e-12))
 
 
+_EYES: dict[tuple, torch.Tensor] = {}
+
+
+def _eye(n: int, device: torch.device) -> torch.Tensor:
+    """The ``n x n`` boolean identity on ``device``, made once."""
+    key = (n, device)
+    if key not in _EYES:
+        _EYES[key] = torch.eye(n, dtype=torch.bool, device=device)
+    return _EYES[key]
+
+
 def _distance_potential(e: torch.Tensor) -> torch.Tensor:
     sq = (e * e).sum(1)
     d2 = sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * e @ e.t()
-    eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
     # the diagonal is exactly max(0, 1e-12) in exact arithmetic; fix it there instead of rounding noise
-    d = d2.masked_fill(eye, 0.0).clamp_min(1e-12).sqrt()
-    mu = d.sum() / (d > 0).sum().clamp_min(1)
+    d = d2.masked_fill(_eye(e.shape[0], e.device), 0.0).clamp_min(1e-12).sqrt()
+    # every entry is >= 1e-6 after the clamp: "the positive ones" are all B^2 (a NaN's mean is NaN either way)
+    mu = d.sum() / d.numel()
     return d / (mu + 1e-8)
 
 
@@ -60,21 +71,23 @@ def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, w_dist: float
     """``w_dist * Huber(psi_D(s), psi_D(t)) + w_angle * Huber(psi_A(s), psi_A(t))`` (means over entries) of
     the batch's vectors, l2-normalised first unless ``l2_normalize_inputs=False``."""
     s = as_float(student_emb).flatten(1)
-    t = as_float(teacher_emb.detach()).flatten(1)
+    t = as_float(teacher_emb.detach() if teacher_emb.requires_grad else teacher_emb).flatten(1)
     if s.shape[0] != t.shape[0]:
         raise ValueError(f"rkd: batch sizes differ ({s.shape[0]} vs {t.shape[0]})")
     if l2_normalize_inputs:
         s, t = l2_normalize(s, 1), l2_normalize(t, 1)
-    loss = s.new_zeros(())
+    terms = []
     if w_dist:
         with torch.no_grad():
             pt = _distance_potential(t)
-        loss = loss + w_dist * F.smooth_l1_loss(_distance_potential(s), pt, reduction="mean", beta=1.0)
+        terms.append(w_dist * F.smooth_l1_loss(_distance_potential(s), pt, reduction="mean", beta=1.0))
     if w_angle:
         with torch.no_grad():
             at = _angle_potential(t)
-        loss = loss + w_angle * F.smooth_l1_loss(_angle_potential(s), at, reduction="mean", beta=1.0)
-    return loss
+        terms.append(w_angle * F.smooth_l1_loss(_angle_potential(s), at, reduction="mean", beta=1.0))
+    if not terms:
+        return s.new_zeros(())
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 @register("rkd")

@@ -431,6 +431,19 @@ def canonical_sign(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v.sum(dim=-2, keepdim=True) >= 0, v, -v)
 
 
+_SIGNS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _plus_minus_one(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``+1`` and ``-1`` as 0-d tensors of ``like``'s dtype and device, made once (``where``'s Python scalars
+    cost an operator each, every call)."""
+    key = (like.dtype, like.device)
+    if key not in _SIGNS:
+        _SIGNS[key] = (torch.ones((), dtype=like.dtype, device=like.device),
+                       -torch.ones((), dtype=like.dtype, device=like.device))
+    return _SIGNS[key]
+
+
 def align_rsv(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
     """Match each teacher vector with a student vector: ``(B, N, ns), (B, N, nt) -> (B, N, nt)``.
 
@@ -440,7 +453,7 @@ def align_rsv(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():  # the choice and its sign carry no gradient (made without one: no detach operators)
         cos = _mm(v_s.transpose(-1, -2), v_t)  # (B, ns, nt)
         idx = cos.abs().argmax(dim=-2).unsqueeze(-2)  # (B, 1, nt)
-        sign = torch.where(torch.gather(cos, -2, idx) >= 0, 1.0, -1.0).to(v_s.dtype)  # (B, 1, nt)
+        sign = torch.where(torch.gather(cos, -2, idx) >= 0, *_plus_minus_one(v_s))  # (B, 1, nt)
     return torch.gather(v_s, -1, idx.expand(-1, v_s.shape[-2], -1)) * sign
 
 
