@@ -192,11 +192,13 @@ def test_activation_gradient_of_a_channels_last_map_is_the_clip_mask():
     assert torch.equal(x.grad, g * ((x.detach() >= 0) & (x.detach() <= 1)))
 
 
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_activation_gradient_is_the_clip_mask_to_the_bit_at_the_edges(dtype):
+def test_activation_gradient_is_the_clip_mask_to_the_bit_at_the_edges(dtype, relu):
     """The backward (one ``hardtanh_backward`` on the saved input between the neighbours of 0 and 1) passes the
     gradient exactly where ``0 <= x <= 1``: at -0, 0, 1, their neighbours in each dtype, the smallest subnormals
-    and the infinities, as the mask ``(x >= 0) & (x <= 1)`` does."""
+    and the infinities, as the mask ``(x >= 0) & (x <= 1)`` does. With ``relu=True`` (a ReLU and the quantizer
+    in one node) the values and the gradient are those of ``relu`` followed by the quantizer: ``0 < x <= 1``."""
     zero, one = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
     tiny = torch.nextafter(zero, one)
     inf = torch.tensor(float("inf"), dtype=dtype)
@@ -204,8 +206,53 @@ def test_activation_gradient_is_the_clip_mask_to_the_bit_at_the_edges(dtype):
              torch.nextafter(zero, -one), inf, -inf, *(torch.tensor(v, dtype=dtype) for v in (0.5, -3.0, 7.0))]
     x = torch.stack(edges).requires_grad_(True)
     g = torch.arange(1, len(edges) + 1, dtype=dtype)
-    (quantize_activation(x, 4) * g).sum().backward()
-    assert torch.equal(x.grad, g * ((x.detach() >= 0) & (x.detach() <= 1)).to(dtype))
+    out = quantize_activation(x, 4, relu=relu)
+    (out * g).sum().backward()
+    if not relu:
+        assert torch.equal(x.grad, g * ((x.detach() >= 0) & (x.detach() <= 1)).to(dtype))
+        return
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = quantize_activation(torch.relu(x_ref), 4)
+    (ref * g).sum().backward()
+    assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(x.grad, g * ((x.detach() > 0) & (x.detach() <= 1)).to(dtype))
+
+
+def test_a_quantized_blocks_relu_and_quantizer_run_as_one_node_with_the_same_numbers():
+    """A quantized ResNet block's ``relu1`` -> ``act_mid`` while training: one node (no ReLU forward or backward),
+    the outputs and every gradient equal to the two modules run apart (bit for bit, channels-last, exact zeros in
+    the ReLU's input); a hook on the ReLU, evaluation and full precision keep the modules as they are."""
+    from rolekd.models.resnet import BasicBlock
+    torch.manual_seed(3)
+    block = quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BasicBlock(8, 8), nn.Flatten(),
+                                         nn.Linear(8 * 36, 2)), 4, 4)[1]
+    x = torch.rand(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+
+    def run(fused: bool):
+        b = copy.deepcopy(block).train()
+        calls = []
+        if fused:  # the ReLU module's own forward never runs
+            b.relu1.forward = lambda t: (calls.append(1), torch.relu(t))[1]
+        else:  # a hook on the ReLU: the modules run as they are (and the hook sees the call)
+            b.relu1.register_forward_hook(lambda m, i, o: calls.append(1))
+        xi = x.clone().requires_grad_(True)
+        with torch.no_grad():
+            b.bn1.bias[:2] = -50.0  # whole channels at exactly 0 after the ReLU
+        out = b(xi)
+        out.square().sum().backward()
+        return out, [xi.grad] + [p.grad for p in b.parameters()], calls
+
+    fused, g_fused, c_fused = run(True)
+    apart, g_apart, c_apart = run(False)
+    assert c_apart == [1] and c_fused == []
+    assert torch.equal(fused, apart)
+    assert all(torch.equal(a, b) for a, b in zip(g_fused, g_apart))
+    counter = []
+    block.relu1.register_forward_pre_hook(lambda m, i: counter.append(1))
+    block.eval()
+    with torch.no_grad():
+        block(x)
+    assert counter == [1]  # evaluation: the ReLU module runs
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])

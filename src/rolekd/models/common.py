@@ -27,6 +27,14 @@ class QuantPoint(nn.Identity):
     """
 
 
+def relu_into(point: nn.Module, relu: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``point(relu(x))`` for a ReLU whose output feeds only the activation-quantisation point ``point``: a
+    point that offers ``after_relu`` (a DoReFa quantizer, :class:`rolekd.quant.ActQuant`) computes both in one
+    node while training; a full-precision :class:`QuantPoint` (or anything else) is called as it is."""
+    fused = getattr(point, "after_relu", None)
+    return fused(relu, x) if fused is not None else point(relu(x))
+
+
 class GlobalAvgPool(nn.Module):
     """The global average pool ``(B, C, H, W) -> (B, C, 1, 1)`` as a mean over H and W: the numbers of
     ``nn.AdaptiveAvgPool2d(1)`` (bit for bit on the CPU, tested), without its in-place ``as_strided_`` on

@@ -24,7 +24,8 @@ computes a plain ResNet), turned into activation quantisers by :func:`rolekd.qua
 which then quantizes activations only there (the quantized convs do not quantize their own input
 again). The block output (``relu2``, the tapped feature) is *not* quantised in its block; it is
 quantised by the next block's ``act_in``; the last block's output goes to the pool and ``fc``
-unquantised. Weights of every conv are quantised except the stem ``conv1``; ``fc`` is not quantised.
+unquantised. ``relu1`` feeds only ``act_mid``: a quantized student computes the two in one node while
+training (:func:`~rolekd.models.common.relu_into`; the same numbers, without the ReLU's passes). Weights of every conv are quantised except the stem ``conv1``; ``fc`` is not quantised.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rolekd.models.common import GlobalAvgPool, QuantPoint, init_conv_bn
+from rolekd.models.common import GlobalAvgPool, QuantPoint, init_conv_bn, relu_into
 from rolekd.models.registry import register_model
 
 __all__ = ["BasicBlock", "CifarResNet", "resnet18", "resnet_tiny"]
@@ -61,7 +62,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act_in(x)
-        out = self.act_mid(self.relu1(self.bn1(self.conv1(x))))
+        out = relu_into(self.act_mid, self.relu1, self.bn1(self.conv1(x)))  # act_mid(relu1(...)), fused when quantized
         out = self.bn2(self.conv2(out))
         return self.relu2(out + self.shortcut(x))
 

@@ -109,24 +109,28 @@ class _ActQuant(torch.autograd.Function):
     bit, for every input but NaN (whose gradient it passes; its output is NaN either way). The input is
     kept alive already where the network saves it for its own backward (a ReLU's output). Before: a float
     mask ``clip(x, 0, 1) == x`` made in the forward (two more operators a call) and multiplied in.
-    ``setup_context`` form with a generated vmap rule (see :class:`_WeightQuant`). Without gradients
-    (evaluation) :func:`quantize_activation` skips this node."""
+
+    ``relu=True``: the quantizer of ``relu(x)`` in the same node - the same values (the clip starts at 0), and
+    the ReLU's gradient folded in: 1 for ``0 < x <= 1`` (``lo = 0``), as ReLU's backward (zero where its output
+    is 0) followed by the clip's. ``setup_context`` form with a generated vmap rule (see :class:`_WeightQuant`).
+    Without gradients (evaluation) :func:`quantize_activation` skips this node."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, n: float):
+    def forward(x: torch.Tensor, n: float, relu: bool = False):
         return _quantize_levels(x, n)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        ctx.relu = inputs[2]
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, = ctx.saved_tensors
         lo, hi = _clip_bounds(x.dtype)
-        return torch.ops.aten.hardtanh_backward(g, x, lo, hi), None
+        return torch.ops.aten.hardtanh_backward(g, x, 0.0 if ctx.relu else lo, hi), None, None
 
 
 _BOUNDS: dict[torch.dtype, tuple[float, float]] = {}
@@ -241,15 +245,17 @@ def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     return _WeightQuant.apply(w, float(2 ** bits - 1))[0]
 
 
-def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """DoReFa activation quantizer ``Q(clip(x, 0, 1))``; ``bits`` in 1..8 or 32."""
+def quantize_activation(x: torch.Tensor, bits: int, relu: bool = False) -> torch.Tensor:
+    """DoReFa activation quantizer ``Q(clip(x, 0, 1))``; ``bits`` in 1..8 or 32. ``relu=True``: of ``relu(x)``,
+    in one node (the same values and gradient as a ReLU followed by the quantizer, without the ReLU's own
+    forward and backward passes)."""
     bits = check_bits(bits, "a_bits")
     if bits == FULL_PRECISION:
-        return x
+        return torch.relu(x) if relu else x
     n = float(2 ** bits - 1)
     if not torch.is_grad_enabled():
         return _quantize_levels(x, n)
-    return _ActQuant.apply(x, n)
+    return _ActQuant.apply(x, n, relu)
 
 
 class _QuantMixin:
@@ -356,8 +362,26 @@ class ActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantize_activation(x, self.a_bits)
 
+    def after_relu(self, relu: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``self(relu(x))``: while training with gradients, a plain ``nn.ReLU`` and this quantizer in one node
+        (:func:`quantize_activation` with ``relu=True``: the same values and gradients, bit for bit, without the
+        ReLU's forward and its two backward operators per pass); otherwise (evaluation, export, hooks on either
+        module, another activation) the two modules as they are. Models call it through
+        :func:`rolekd.models.common.relu_into`."""
+        if (self.a_bits == FULL_PRECISION or not torch.is_grad_enabled() or type(relu) is not nn.ReLU
+                or _hooked(relu) or _hooked(self)):
+            return self(relu(x))
+        return quantize_activation(x, self.a_bits, relu=True)
+
     def extra_repr(self) -> str:  # noqa: D401 - nn.Module hook
         return f"a_bits={self.a_bits}"
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether a forward hook would see ``m``'s call (its own or a global one)."""
+    from torch.nn.modules import module as _module
+    return bool(m._forward_hooks or m._forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks)
 
 
 _SWAP = {nn.Conv2d: QConv2d, nn.Linear: QLinear, QConv2d: QConv2d, QLinear: QLinear}
