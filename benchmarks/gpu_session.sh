@@ -16,8 +16,9 @@
 #   fused with torch.compile (both kernels), Ray with 1/16 GPU per member, Ray fused groups of 4
 #   (Ray is not in the GPU image; without a Ray wheel in .whl those rows come back as errors in search_ray.json).
 # `kd` = issue 32's KD step on the card: fp32, 4-bit and 4-bit II-KD (clipped) steps of ResNet18 at batch 256
-#   (bench_kd.py), the issue's base and this checkout alternating (two rounds), after the eigen-solvers' row
-#   (bench_eigen_solvers.py: batched eigh vs the subspace iteration by size); needs the base's code in .gpu/base:
+#   (bench_kd.py), the issue's base and this checkout alternating (two rounds), after the CPU tests' bit-identity
+#   claims checked on the card (check_device_numerics.py) and the eigen-solvers' row (bench_eigen_solvers.py:
+#   batched eigh vs the subspace iteration by size); needs the base's code in .gpu/base:
 #   mkdir -p .gpu/base && git archive 0b57263 src | tar -x -C .gpu/base
 # `pipeline [T1 T2]` = the multi-GPU-ready row: the gpu-mini pipeline with its stages on pipeline.workers = the visible
 #   GPUs (one stage per GPU at a time; on one GPU the stages run one after another), time limit T1 s; on a single GPU
@@ -91,6 +92,8 @@ mode_search_more() {
 }
 mode_kd() {  # issue 32: the KD step at the issue's base (.gpu/base/src) and now, same card, alternating
   local kd="benchmarks/bench_kd.py --device cuda --model resnet18 --batch 256 --bits 4 --methods iikd --steps 30"
+  # the bit-identity claims of the CPU tests, on the card (activation quantizer, fused ReLU, MHGD fold)
+  step 120 numerics python3 benchmarks/check_device_numerics.py --device cuda --out $OUT/numerics.json
   # whether cuSOLVER's batched eigh now beats the subspace iteration above 32 rows (CUDA's solver choice)
   step 90 eigen python3 benchmarks/bench_eigen_solvers.py --device cuda --rows 512 --repeats 3 --skip-iterations \
     --out $OUT/eigen.json
