@@ -123,7 +123,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b) if a.dim() == 3 and b.dim() == 3 else a @ b
 
 
-def _orthonormalize(z: torch.Tensor, passes: int = 2) -> torch.Tensor:
+def _orthonormalize(z: torch.Tensor, passes: int = 2, shift: torch.Tensor | None = None) -> torch.Tensor:
     """Orthonormal columns spanning ``z`` (B, r, q) by shifted Cholesky-QR, ``passes`` times (twice: orthonormal
     to float64 rounding; batched, fast on CUDA where ``torch.linalg.qr`` loops over the batch). Directions ``z``
     lacks shrink to zero. Inside the subspace iteration one pass a step is enough (the basis only has to stay
@@ -131,14 +131,27 @@ def _orthonormalize(z: torch.Tensor, passes: int = 2) -> torch.Tensor:
     steep, repeated, rank-3 and spiked spectra); the Rayleigh-Ritz step gets two.
 
     ``Z^T Z + shift I`` is made by adding the shift to the diagonal in place (no identity and its products) and
-    factored as ``U^T U`` (no transpose): 9 operators a pass (19 with the identity)."""
+    factored as ``U^T U`` (no transpose): 9 operators a pass (19 with the identity). ``shift``: a ready ``shift I``
+    (B, q, q) of the right scale instead (the subspace iteration's, made once a call): ``Z^T Z + shift I`` in one
+    ``baddbmm``, 4 operators a pass."""
     for _ in range(passes):
-        m = _mm(z.transpose(-1, -2), z)
-        diag = m.diagonal(dim1=-2, dim2=-1)
-        diag.add_(diag.sum(-1, keepdim=True).clamp_min_(1e-300).mul_(1e-13 / m.shape[-1]))
+        if shift is not None:
+            m = torch.baddbmm(shift, z.transpose(-1, -2), z)
+        else:
+            m = _mm(z.transpose(-1, -2), z)
+            diag = m.diagonal(dim1=-2, dim2=-1)
+            diag.add_(diag.sum(-1, keepdim=True).clamp_min_(1e-300).mul_(1e-13 / m.shape[-1]))
         u, _ = torch.linalg.cholesky_ex(m, upper=True)  # Z^T Z + shift I = U^T U
         z = torch.linalg.solve_triangular(u, z, upper=True, left=False)  # Z U^-1
     return z
+
+
+def _scaled_eye(scale: torch.Tensor, q: int) -> torch.Tensor:
+    """``scale[b] * I`` (B, q, q) for ``scale`` (B,), with the identity made once per size, device and dtype."""
+    key = ("eye", q, scale.device, scale.dtype)
+    if key not in _START:
+        _START[key] = torch.eye(q, dtype=scale.dtype, device=scale.device)
+    return _START[key] * scale[:, None, None]
 
 
 def full_eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,13 +189,16 @@ def top_eigh(g: torch.Tensor, p: int, max_iter: int | None = None, tol: float | 
         gn = g / scale  # eigenvalues in [0, 1]
         g2 = _mm(gn, gn)
         basis = _orthonormalize(_mm(gn, _start_block(r, q, g).expand(*g.shape[:-2], r, q)))
+        # the steps' shift, made once a call: 1e-13 ||G2||_F^2 / q, never below what the per-pass shift takes for
+        # Z = G2 B with B orthonormal (trace(Z^T Z) <= ||G2||_F^2), never above 1e-13 r / q of Z^T Z's top eigenvalue
+        step_shift = _scaled_eye(g2.square().sum((-2, -1)).clamp_min_(1e-300).mul_(1e-13 / q), q)
         key = (tuple(g.shape[:-2]), r, q, dtype, g.device, tol, max_iter)
         known = _ITERATIONS.get(key) if g.device.type in FIXED_ITERATION_DEVICES else None
         check = known is None or known[1] % CHECK_EVERY == CHECK_EVERY - 1
         it = 0
         while True:
             for _ in range(4):
-                basis = _orthonormalize(_mm(g2, basis), passes=1)
+                basis = _orthonormalize(_mm(g2, basis), passes=1, shift=step_shift)
             it += 4
             if not check and it < known[0]:
                 continue  # the known count, no convergence check (no host-device synchronisation)
