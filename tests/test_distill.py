@@ -254,6 +254,16 @@ def test_orthonormalisation_is_shifted_cholesky_qr_twice():
     torch.testing.assert_close(q.transpose(-1, -2) @ q, eye.expand(5, 12, 12), rtol=0, atol=1e-10)
     one = svd._orthonormalize(z, passes=1)  # the iteration's pass: the same span (projector), not yet orthonormal
     torch.testing.assert_close(one @ torch.linalg.pinv(one), q @ q.transpose(-1, -2), rtol=0, atol=1e-8)
+    # a ready shift (the iteration's, made once a call) in the product's baddbmm: the per-pass one's numbers when
+    # it is the same matrix (its trace's), and the Rayleigh-Ritz step's constant 1e-13 I on a step's output
+    first = z.transpose(-1, -2) @ z
+    given = 1e-13 * first.diagonal(dim1=-2, dim2=-1).sum(-1) / 12
+    step = svd._orthonormalize(z, passes=1, shift=given[:, None, None] * eye)
+    torch.testing.assert_close(step, one, rtol=0, atol=1e-14)
+    rr = svd._orthonormalize(step, shift=svd._scaled_eye(torch.full((5,), 1e-13, dtype=torch.float64), 12))
+    torch.testing.assert_close(rr, svd._orthonormalize(step), rtol=0, atol=1e-13)  # the shift ~ the per-pass one
+    torch.testing.assert_close(rr.transpose(-1, -2) @ rr, eye.expand(5, 12, 12), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rr @ rr.transpose(-1, -2), q @ q.transpose(-1, -2), rtol=0, atol=1e-8)
 
 
 def _spd_with_clusters(b, r, seed):

@@ -192,6 +192,7 @@ def top_eigh(g: torch.Tensor, p: int, max_iter: int | None = None, tol: float | 
         # the steps' shift, made once a call: 1e-13 ||G2||_F^2 / q, never below what the per-pass shift takes for
         # Z = G2 B with B orthonormal (trace(Z^T Z) <= ||G2||_F^2), never above 1e-13 r / q of Z^T Z's top eigenvalue
         step_shift = _scaled_eye(g2.square().sum((-2, -1)).clamp_min_(1e-300).mul_(1e-13 / q), q)
+        rr_shift = _scaled_eye(torch.full(g.shape[:1], 1e-13, dtype=g.dtype, device=g.device), q)
         key = (tuple(g.shape[:-2]), r, q, dtype, g.device, tol, max_iter)
         known = _ITERATIONS.get(key) if g.device.type in FIXED_ITERATION_DEVICES else None
         check = known is None or known[1] % CHECK_EVERY == CHECK_EVERY - 1
@@ -202,7 +203,9 @@ def top_eigh(g: torch.Tensor, p: int, max_iter: int | None = None, tol: float | 
             it += 4
             if not check and it < known[0]:
                 continue  # the known count, no convergence check (no host-device synchronisation)
-            basis = _orthonormalize(basis)  # exactly orthonormal for the Rayleigh-Ritz step
+            # exactly orthonormal for the Rayleigh-Ritz step; its columns have norm ~1 already (the step's pass), so
+            # the per-pass shift 1e-13 trace(Z^T Z) / q is ~1e-13: taken as that, made once
+            basis = _orthonormalize(basis, shift=rr_shift)
             theta, w = torch.linalg.eigh(_mm(_mm(basis.transpose(-1, -2), gn), basis))
             theta, w = theta.flip(-1)[..., :p], w.flip(-1)[..., :p]
             v = _mm(basis, w)
