@@ -95,6 +95,18 @@ def test_import_graph_has_no_cycle():
         visit(n)
 
 
+def test_every_planted_bug_still_finds_its_text_once():
+    """tests/planted_bugs.yaml stays plantable as the code moves: each entry is complete, its id unique and the text
+    it replaces occurs exactly once in its file (tools/planted_bugs.py's own check, without planting anything)."""
+    import runpy
+    tool = runpy.run_path(str(PKG.parents[1] / "tools" / "planted_bugs.py"), run_name="planted_bugs")
+    try:
+        bugs = tool["load"]()
+    except SystemExit as e:
+        pytest.fail(str(e))
+    assert len(bugs) > 40
+
+
 def test_derive_validates_merges_sections_and_replaces_whole_ones():
     cfg = load_config(None, ["kd.method=soft", "kd.lam=0.7", "train.lr=0.05"])
     d = derive(cfg, "test", train={"epochs": 3}, kd=KDConfig(), name="x")

@@ -40,6 +40,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 from torch._C._functorch import peek_interpreter_stack
 
 from ..errors import UserError
@@ -379,7 +380,6 @@ class ActQuant(nn.Module):
 
 def _hooked(m: nn.Module) -> bool:
     """Whether a forward hook would see ``m``'s call (its own or a global one)."""
-    from torch.nn.modules import module as _module
     return bool(m._forward_hooks or m._forward_pre_hooks or _module._global_forward_hooks
                 or _module._global_forward_pre_hooks)
 
