@@ -508,8 +508,9 @@ def test_mhgd_frozen_graph_folds_batchnorm_into_the_keys_and_queries_and_refolds
     v_cur, v_prev = torch.randn(5, 12, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
     torch.testing.assert_close(att.graph(v_cur, v_prev), definition(att, v_cur, v_prev), rtol=1e-12, atol=1e-13)
     assert "_fold" in att.__dict__  # the folded path ran
+    swap = att.query[0].weight  # .data replaced: the same object, perhaps the same version, new storage
     for change in (lambda: att.key[1].running_var.mul_(3.0), lambda: att.query[0].weight.add_(0.1),
-                   lambda: att.load_state_dict(randomised(1).state_dict())):
+                   lambda: att.load_state_dict(randomised(1).state_dict()), lambda: setattr(swap, "data", swap * 2)):
         before = att.graph(v_cur, v_prev)
         change()
         got = att.graph(v_cur, v_prev)

@@ -91,8 +91,11 @@ class GraphAttention(nn.Module):
         ``(H, C_l, D)`` and bias ``(H, 1, D)``, query weight ``(H, D, C_{l-1})`` and bias ``(H, D, 1)``; made again
         when one of the tensors it is made from is replaced or changed in place (a load, ``.to()``)."""
         inputs = self._fold_inputs()
+        # each tensor's object, version, storage, dtype and device (``.to()`` keeps a parameter's object and can
+        # keep its version: its storage and dtype or device change)
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in inputs)
         made = self.__dict__.get("_fold")
-        if made is None or not all(a is b and a._version == v for a, (b, v) in zip(inputs, made[0])):
+        if made is None or not all(a is b for a, b in zip(inputs, made[0])) or made[1] != key:
             with torch.no_grad():
                 out = []
                 for lin, bn in (self.key, self.query):
@@ -103,9 +106,8 @@ class GraphAttention(nn.Module):
                 (wk, bk), (wq, bq) = out
                 folded = (wk.permute(1, 2, 0).contiguous(), bk.t().unsqueeze(1).contiguous(),
                           wq.permute(1, 0, 2).contiguous(), bq.t().unsqueeze(2).contiguous())
-            self.__dict__["_fold"] = (tuple((t, t._version) for t in inputs), folded)
-            made = self.__dict__["_fold"]
-        return made[1]
+            self.__dict__["_fold"] = made = (inputs, key, folded)
+        return made[2]
 
     def estimate(self, v_prev: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Estimate ``v_l`` (B, C_l), unit norm, from ``v_{l-1}`` and the raw graphs ``g`` (H, B, B)."""

@@ -25,7 +25,8 @@ which then quantizes activations only there (the quantized convs do not quantize
 again). The block output (``relu2``, the tapped feature) is *not* quantised in its block; it is
 quantised by the next block's ``act_in``; the last block's output goes to the pool and ``fc``
 unquantised. ``relu1`` feeds only ``act_mid``: a quantized student computes the two in one node while
-training (:func:`~rolekd.models.common.relu_into`; the same numbers, without the ReLU's passes). Weights of every conv are quantised except the stem ``conv1``; ``fc`` is not quantised.
+training (:func:`~rolekd.models.common.relu_into`; the same numbers, without the ReLU's passes). Weights of
+every conv are quantised except the stem ``conv1``; ``fc`` is not quantised.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act_in(x)
-        out = relu_into(self.act_mid, self.relu1, self.bn1(self.conv1(x)))  # act_mid(relu1(...)), fused when quantized
+        out = relu_into(self.act_mid, self.relu1, self.bn1(self.conv1(x)))  # act_mid(relu1(.)), one node if quantized
         out = self.bn2(self.conv2(out))
         return self.relu2(out + self.shortcut(x))
 

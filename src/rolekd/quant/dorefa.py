@@ -40,8 +40,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module
 from torch._C._functorch import peek_interpreter_stack
+from torch.nn.modules import module as _module
 
 from ..errors import UserError
 from ..models.common import QuantPoint
@@ -365,8 +365,9 @@ class ActQuant(nn.Module):
 
     def after_relu(self, relu: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``self(relu(x))``: while training with gradients, a plain ``nn.ReLU`` and this quantizer in one node
-        (:func:`quantize_activation` with ``relu=True``: the same values and gradients, bit for bit, without the
-        ReLU's forward and its two backward operators per pass); otherwise (evaluation, export, hooks on either
+        (:func:`quantize_activation` with ``relu=True``: the same values and gradients, bit for bit - an input of
+        -0 quantizes to -0 rather than +0, equal as a number - without the ReLU's forward and its two backward
+        operators per pass); otherwise (evaluation, export, hooks on either
         module, another activation) the two modules as they are. Models call it through
         :func:`rolekd.models.common.relu_into`."""
         if (self.a_bits == FULL_PRECISION or not torch.is_grad_enabled() or type(relu) is not nn.ReLU
