@@ -188,7 +188,7 @@ def top_eigh(g: torch.Tensor, p: int, max_iter: int | None = None, tol: float | 
         scale = g.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[..., None, None]
         gn = g / scale  # eigenvalues in [0, 1]
         g2 = _mm(gn, gn)
-        basis = _orthonormalize(_mm(gn, _start_block(r, q, g).expand(*g.shape[:-2], r, q)))
+        basis = _orthonormalize(_mm(gn, _start_block(r, q, g).expand(*g.shape[:-2], r, q)), passes=1)
         # the steps' shift, made once a call: 1e-13 ||G2||_F^2 / q, never below what the per-pass shift takes for
         # Z = G2 B with B orthonormal (trace(Z^T Z) <= ||G2||_F^2), never above 1e-13 r / q of Z^T Z's top eigenvalue
         step_shift = _scaled_eye(g2.square().sum((-2, -1)).clamp_min_(1e-300).mul_(1e-13 / q), q)
