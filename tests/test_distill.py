@@ -260,7 +260,7 @@ def test_orthonormalisation_is_shifted_cholesky_qr_twice():
     given = 1e-13 * first.diagonal(dim1=-2, dim2=-1).sum(-1) / 12
     step = svd._orthonormalize(z, passes=1, shift=given[:, None, None] * eye)
     torch.testing.assert_close(step, one, rtol=0, atol=1e-14)
-    rr = svd._orthonormalize(step, shift=svd._scaled_eye(torch.full((5,), 1e-13, dtype=torch.float64), 12))
+    rr = svd._orthonormalize(step, shift=svd._identity(12, torch.float64, torch.device("cpu"), 1e-13))
     torch.testing.assert_close(rr, svd._orthonormalize(step), rtol=0, atol=1e-13)  # the shift ~ the per-pass one
     torch.testing.assert_close(rr.transpose(-1, -2) @ rr, eye.expand(5, 12, 12), rtol=0, atol=1e-12)
     torch.testing.assert_close(rr @ rr.transpose(-1, -2), q @ q.transpose(-1, -2), rtol=0, atol=1e-8)

@@ -310,9 +310,7 @@ class MHGD(Distiller):
                 g_t.append(att.graph(cur.teacher[..., 0], prev.teacher[..., 0]))
         if not g_s:
             return pairs[0].student.new_zeros(())
-        if len({g.shape for g in g_s}) > 1:  # graphs of one batch are all (H, B, B); else pair by pair
-            return sum(graph_kl(a, b) for a, b in zip(g_s, g_t))
-        # every pair's graphs in one KL (summed over rows, heads and pairs): 8 operators, not 8 per pair
+        # every pair's graphs (all (H, B, B)) in one KL, summed over rows, heads and pairs: 8 operators, not 8 a pair
         return graph_kl(torch.stack(g_s), torch.stack(g_t))
 
     def forward(self, student, teacher, labels):

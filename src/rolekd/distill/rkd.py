@@ -26,6 +26,8 @@ gives the role-kd authors' own RKD baseline. RKD's reference code adds ``λ·KD`
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -40,15 +42,10 @@ def l2_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim, keepdim=True).clamp_min(1e-12))
 
 
-_EYES: dict[tuple, torch.Tensor] = {}
-
-
+@functools.cache
 def _eye(n: int, device: torch.device) -> torch.Tensor:
     """The ``n x n`` boolean identity on ``device``, made once."""
-    key = (n, device)
-    if key not in _EYES:
-        _EYES[key] = torch.eye(n, dtype=torch.bool, device=device)
-    return _EYES[key]
+    return torch.eye(n, dtype=torch.bool, device=device)
 
 
 def _distance_potential(e: torch.Tensor) -> torch.Tensor:

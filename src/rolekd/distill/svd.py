@@ -49,6 +49,7 @@ whatever LAPACK returns), students are aligned to them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +133,7 @@ def _orthonormalize(z: torch.Tensor, passes: int = 2, shift: torch.Tensor | None
 
     ``Z^T Z + shift I`` is made by adding the shift to the diagonal in place (no identity and its products) and
     factored as ``U^T U`` (no transpose): 9 operators a pass (19 with the identity). ``shift``: a ready ``shift I``
-    (B, q, q) of the right scale instead (the subspace iteration's, made once a call): ``Z^T Z + shift I`` in one
+    ((B, q, q) or (q, q)) of the right scale instead (the subspace iteration's, made once a call): ``Z^T Z + shift I`` in one
     ``baddbmm``, 4 operators a pass."""
     for _ in range(passes):
         if shift is not None:
@@ -146,12 +147,10 @@ def _orthonormalize(z: torch.Tensor, passes: int = 2, shift: torch.Tensor | None
     return z
 
 
-def _scaled_eye(scale: torch.Tensor, q: int) -> torch.Tensor:
-    """``scale[b] * I`` (B, q, q) for ``scale`` (B,), with the identity made once per size, device and dtype."""
-    key = ("eye", q, scale.device, scale.dtype)
-    if key not in _START:
-        _START[key] = torch.eye(q, dtype=scale.dtype, device=scale.device)
-    return _START[key] * scale[:, None, None]
+@functools.cache
+def _identity(q: int, dtype: torch.dtype, device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """``scale * I`` (q, q), made once per size, dtype, device and scale."""
+    return torch.eye(q, dtype=dtype, device=device) * scale
 
 
 def full_eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,8 +190,9 @@ def top_eigh(g: torch.Tensor, p: int, max_iter: int | None = None, tol: float | 
         basis = _orthonormalize(_mm(gn, _start_block(r, q, g).expand(*g.shape[:-2], r, q)), passes=1)
         # the steps' shift, made once a call: 1e-13 ||G2||_F^2 / q, never below what the per-pass shift takes for
         # Z = G2 B with B orthonormal (trace(Z^T Z) <= ||G2||_F^2), never above 1e-13 r / q of Z^T Z's top eigenvalue
-        step_shift = _scaled_eye(g2.square().sum((-2, -1)).clamp_min_(1e-300).mul_(1e-13 / q), q)
-        rr_shift = _scaled_eye(torch.full(g.shape[:1], 1e-13, dtype=g.dtype, device=g.device), q)
+        step_scale = g2.square().sum((-2, -1)).clamp_min_(1e-300).mul_(1e-13 / q)
+        step_shift = _identity(q, g.dtype, g.device) * step_scale[..., None, None]
+        rr_shift = _identity(q, g.dtype, g.device, 1e-13)  # (q, q), for every matrix of the batch
         key = (tuple(g.shape[:-2]), r, q, dtype, g.device, tol, max_iter)
         known = _ITERATIONS.get(key) if g.device.type in FIXED_ITERATION_DEVICES else None
         check = known is None or known[1] % CHECK_EVERY == CHECK_EVERY - 1
@@ -450,17 +450,11 @@ def canonical_sign(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v.sum(dim=-2, keepdim=True) >= 0, v, -v)
 
 
-_SIGNS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _plus_minus_one(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``+1`` and ``-1`` as 0-d tensors of ``like``'s dtype and device, made once (``where``'s Python scalars
-    cost an operator each, every call)."""
-    key = (like.dtype, like.device)
-    if key not in _SIGNS:
-        _SIGNS[key] = (torch.ones((), dtype=like.dtype, device=like.device),
-                       -torch.ones((), dtype=like.dtype, device=like.device))
-    return _SIGNS[key]
+@functools.cache
+def _plus_minus_one(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``+1`` and ``-1`` as 0-d tensors, made once per dtype and device (``where``'s Python scalars cost an
+    operator each, every call)."""
+    return torch.ones((), dtype=dtype, device=device), -torch.ones((), dtype=dtype, device=device)
 
 
 def align_rsv(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
@@ -472,7 +466,7 @@ def align_rsv(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():  # the choice and its sign carry no gradient (made without one: no detach operators)
         cos = _mm(v_s.transpose(-1, -2), v_t)  # (B, ns, nt)
         idx = cos.abs().argmax(dim=-2).unsqueeze(-2)  # (B, 1, nt)
-        sign = torch.where(torch.gather(cos, -2, idx) >= 0, *_plus_minus_one(v_s))  # (B, 1, nt)
+        sign = torch.where(torch.gather(cos, -2, idx) >= 0, *_plus_minus_one(v_s.dtype, v_s.device))  # (B, 1, nt)
     return torch.gather(v_s, -1, idx.expand(-1, v_s.shape[-2], -1)) * sign
 
 

@@ -34,6 +34,7 @@ keys are identical and a full-precision teacher's weights load into the student 
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import weakref
 
@@ -134,15 +135,11 @@ class _ActQuant(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(g, x, 0.0 if ctx.relu else lo, hi), None, None
 
 
-_BOUNDS: dict[torch.dtype, tuple[float, float]] = {}
-
-
+@functools.cache
 def _clip_bounds(dtype: torch.dtype) -> tuple[float, float]:
     """The largest value below 0 and the smallest above 1 in ``dtype``: ``lo < x < hi`` iff ``0 <= x <= 1``."""
-    if dtype not in _BOUNDS:
-        zero, one = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
-        _BOUNDS[dtype] = (float(torch.nextafter(zero, -one)), float(torch.nextafter(one, one + one)))
-    return _BOUNDS[dtype]
+    zero, one = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
+    return float(torch.nextafter(zero, -one)), float(torch.nextafter(one, one + one))
 
 
 def _round_levels_(c: torch.Tensor, n: float) -> torch.Tensor:
