@@ -16,8 +16,9 @@ forward ops by the code that runs them (the student's network, its quantizers, t
 clip, the optimizer); backward ops by the autograd node that runs them, which is labelled with the component whose
 forward made it (a ``TorchFunctionMode`` above autograd records each output's ``grad_fn``). *Synchronising* ops are
 the ones that make a CUDA host wait for the device: ``_local_scalar_dense`` (``.item()``, ``float(t)``,
-``bool(t)``, ``.tolist()``), ``_linalg_check_errors`` (the linalg error checks) and ops whose output shape depends
-on data (``nonzero``, ``masked_select``, ``unique``). *Kernels* are the operators that are not views, aliases
+``bool(t)``, ``.tolist()``), ``_linalg_check_errors`` (the linalg error checks), the linalg operators that check
+their errors inside (``eigh``, ``eig``, ``svd``; the ``*_ex`` ones asked to) and ops whose output shape depends on
+data (``nonzero``, ``masked_select``, ``unique``). *Kernels* are the operators that are not views, aliases
 (``detach``), allocations or profiler markers: what would launch work on a GPU.
 """
 
@@ -45,6 +46,19 @@ NO_KERNEL = {"_unsafe_view", "_reshape_alias", "empty", "empty_like", "empty_str
              "lift_fresh", "_record_function_enter_new", "_record_function_exit"}
 SYNC = {"_local_scalar_dense", "_linalg_check_errors", "nonzero", "masked_select", "unique", "_unique2",
         "unique_consecutive", "item"}
+# operators that check their own errors inside their kernel (the check, a synchronisation on CUDA, reaches no
+# dispatcher mode): torch.linalg.eigh/eigvalsh, eig/eigvals and svd/svdvals ("When inputs are on a CUDA device, this
+# function synchronizes that device with the CPU", their docs), and the ``*_ex`` factorizations when called with
+# ``check_errors=True``
+CHECKS_INSIDE = {"_linalg_eigh", "linalg_eig", "_linalg_svd"}
+CHECKS_IF_ASKED = {"linalg_cholesky_ex", "linalg_inv_ex", "linalg_lu_factor_ex", "linalg_ldl_factor_ex",
+                   "_linalg_solve_ex", "linalg_solve_ex"}
+
+
+def synchronises(name: str, kwargs: dict | None) -> bool:
+    """Whether the operator ``name`` (called with ``kwargs``) makes a CUDA host wait for the device."""
+    asked = name in CHECKS_IF_ASKED and bool((kwargs or {}).get("check_errors"))
+    return name in SYNC or name in CHECKS_INSIDE or asked
 
 
 class Labels:
@@ -102,7 +116,7 @@ class Counter(TorchDispatchMode):
         self.ops[label] += 1
         if not getattr(func, "is_view", False) and name not in NO_KERNEL:
             self.kernels[label] += 1
-        if name in SYNC:
+        if synchronises(name, kwargs):
             self.syncs[label] += 1
             self.sync_ops[name] += 1
         return func(*args, **(kwargs or {}))
