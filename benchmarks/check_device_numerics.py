@@ -15,7 +15,9 @@ Each check passes or fails with its largest difference; the exit status is 1 whe
   running statistics, per-head product: ``FOLD_FROZEN_ATTENTION = False``): float64 within 1e-12, float32 within
   1e-5 (relative to the largest entry);
 * ``iikd_fold_off``: a ResNet18 4-bit II-KD step (batch 8, KD gradient clipped) with the MHGD fold and without it:
-  the gradients agree within 1e-4 of each tensor's norm (the fold rounds differently; its KL is small).
+  the gradients agree within 1e-4 of each tensor's norm (the fold rounds differently; its KL is small);
+* ``subspace_group``: float64 subspace problems of several sizes solved in one zero-padded iteration (CUDA's way)
+  give each one's vectors and gradients solved alone, to the solver's tolerance.
 """
 
 from __future__ import annotations
@@ -139,7 +141,35 @@ def iikd_fold_off(device: torch.device) -> dict:
     return {"pass": rel <= 1e-4, "max_rel_norm_diff": rel}
 
 
-CHECKS = {"act_edges": act_edges, "relu_block": relu_block, "mhgd_fold": mhgd_fold, "iikd_fold_off": iikd_fold_off}
+def subspace_group(device: torch.device) -> dict:
+    """float64 singular vectors of matrices of three sizes solved in one padded subspace iteration (as CUDA runs a
+    step's) against each solved alone: the same vectors (|cos| within 1e-9 of 1) and gradients (within 1e-7 of
+    each gradient's norm)."""
+    import rolekd.distill.svd as svd
+    g = torch.Generator().manual_seed(5)
+    shapes, ns = [(3, 50, 36), (2, 60, 48), (3, 44, 70), (2, 20, 30)], [4, 2, 1, 1]
+    xs = [(torch.randn(*sh, generator=g, dtype=torch.float64) * torch.linspace(2, 0.05, sh[-1], dtype=torch.float64))
+          .to(device).requires_grad_(True) for sh in shapes]
+    a = [torch.randn(x.shape[0], x.shape[2], 1, dtype=torch.float64, generator=g).to(device) for x in xs]
+
+    def solve(together: bool):
+        old = svd.GROUP_SUBSPACE_DEVICES
+        svd.GROUP_SUBSPACE_DEVICES = {device.type} if together else set()
+        try:
+            found = svd.top_right_singular_many(xs, ns, eps=1e-9, solver="subspace")
+        finally:
+            svd.GROUP_SUBSPACE_DEVICES = old
+        loss = sum(((v * ai).sum(1) ** 2).sum() + (v ** 4).sum() for (v, _), ai in zip(found, a))
+        return [v.detach() for v, _ in found], torch.autograd.grad(loss, xs)
+
+    (vs, gs), (vs_ref, gs_ref) = solve(True), solve(False)
+    cos = max(float(((v * w).sum(1).abs() - 1).abs().max()) for v, w in zip(vs, vs_ref))
+    rel = max(float((x - y).norm() / y.norm()) for x, y in zip(gs, gs_ref))
+    return {"pass": cos <= 1e-9 and rel <= 1e-7, "max_cos_diff": cos, "max_rel_grad_diff": rel}
+
+
+CHECKS = {"act_edges": act_edges, "relu_block": relu_block, "mhgd_fold": mhgd_fold, "iikd_fold_off": iikd_fold_off,
+          "subspace_group": subspace_group}
 
 
 def main() -> int:

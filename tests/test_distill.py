@@ -146,17 +146,20 @@ def test_top_right_singular_gradient_matches_torch_svd(shape, solver):
 
 @pytest.mark.parametrize("solver", ["eigh", "subspace"])
 def test_singular_vectors_solved_together_are_each_solved_alone(solver, monkeypatch):
-    """top_right_singular_many: matrices of one size solved in one batched call (teacher rows without a gradient
-    beside student rows with one, different n, X^T X and X X^T) give each matrix's own vectors, values and
-    gradients: bit for bit with the full spectrum (solved per matrix), to the solver's tolerance with the shared
-    subspace block; the rows without a gradient get none and cost no backward solve."""
+    """top_right_singular_many: matrices solved in one batched call (teacher rows without a gradient beside student
+    rows with one, different n, X^T X and X X^T; for the subspace iteration also of different sizes, the smaller
+    zero-padded, one of them wholly inside the shared block) give each matrix's own vectors, values and gradients:
+    bit for bit with the full spectrum (solved per matrix), to the solver's tolerance with the shared subspace
+    block; the rows without a gradient get none and cost no backward solve."""
     from rolekd.distill import svd
     from rolekd.distill.svd import top_right_singular_many
     monkeypatch.setattr(svd, "GROUP_SUBSPACE_DEVICES", {"cpu"})  # as on CUDA: subspace problems together too
+    calls, top_eigh = [], svd.top_eigh
+    monkeypatch.setattr(svd, "top_eigh", lambda g, *a, **k: calls.append(g.shape) or top_eigh(g, *a, **k))
     torch.manual_seed(5)
-    shapes = [(3, 50, 36), (2, 36, 80), (3, 50, 36), (2, 40, 36), (2, 36, 90)]
-    ns = [1, 4, 4, 2, 3]
-    grads = [False, False, True, True, True]
+    shapes = [(3, 50, 36), (2, 36, 80), (3, 50, 36), (2, 40, 36), (2, 36, 90), (2, 60, 48), (3, 44, 70), (2, 20, 30)]
+    ns = [1, 4, 4, 2, 3, 2, 1, 1]
+    grads = [False, False, True, True, True, True, False, True]
     xs = [torch.randn(*sh, dtype=torch.float64) * torch.linspace(2, 0.05, sh[-1], dtype=torch.float64)
           for sh in shapes]
     xs = [x.requires_grad_(g) for x, g in zip(xs, grads)]
@@ -181,6 +184,8 @@ def test_singular_vectors_solved_together_are_each_solved_alone(solver, monkeypa
             torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=0)
     for g, g_ref in zip(g_together, g_alone):
         torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-9)
+    if solver == "subspace":  # all sizes in one iteration (one Rayleigh-Ritz eigh: one synchronisation on CUDA)
+        assert calls[0] == (sum(x.shape[0] for x in xs), 48, 48)
 
 
 def test_on_the_cpu_the_teachers_vectors_come_from_lapack_in_the_students_call(monkeypatch):

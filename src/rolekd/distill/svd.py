@@ -103,9 +103,10 @@ _START: dict[tuple, torch.Tensor] = {}
 FIXED_ITERATION_DEVICES = {"cuda"}
 CHECK_EVERY = 32
 _ITERATIONS: dict[tuple, tuple[int, int]] = {}  # key -> (iterations, calls so far)
-# On these devices top_right_singular_many runs the subspace problems of one size in one iteration (a shared
-# iteration count, the same vectors to the solver's tolerance); elsewhere each alone (the same bits as one call
-# each). The full-spectrum problems are solved together everywhere (the same bits either way).
+# On these devices top_right_singular_many runs all its subspace problems in one iteration (the smaller matrices
+# zero-padded to the largest: a shared iteration count and one Rayleigh-Ritz eigh, i.e. one synchronisation on CUDA
+# instead of one per size; the same vectors to the solver's tolerance); elsewhere each alone (the same bits as one
+# call each). The full-spectrum problems of one size are solved together everywhere (the same bits either way).
 GROUP_SUBSPACE_DEVICES = {"cuda"}
 
 
@@ -230,9 +231,11 @@ class _TopEigh(torch.autograd.Function):
     ones; ``tau = eps * l_max``. With the full spectrum (solver ``eigh``) it is applied in the
     eigenbasis; without it (``subspace``) as ``Re[(l_i I - G + i tau I)^-1]``, one complex128 solve.
 
-    ``apply(p, eps, solver, ns, *grams)``: the matrices ``grams`` (each (B_i, r, r), one size) solved in one
+    ``apply(p, eps, solver, ns, *grams)``: the matrices ``grams`` (each (B_i, r_i, r_i)) solved in one
     batched call for ``p`` pairs, the ones that need no gradient (the teacher's) first; returns each matrix's
-    vectors ``(B_i, r, ns[i])``, then each one's values ``(B_i, ns[i])``. A matrix's outputs are its own
+    vectors ``(B_i, r_i, ns[i])``, then each one's values ``(B_i, ns[i])``. The full spectrum takes matrices of one
+    size; the subspace iteration several, zero-padded to the largest (the padding adds only zero eigenvalues, and a
+    padded matrix's vectors have exact zeros in its rows, cut off), with one backward per size (unpadded). A matrix's outputs are its own
     (split and cut inside this node: no split, cut or concatenation nodes of autograd around it, and no
     detach of the gradient-free ones, which come out non-differentiable); the backward works on the rows
     with a gradient only and returns none for the others.
@@ -245,8 +248,24 @@ class _TopEigh(torch.autograd.Function):
         ctx.eps, ctx.live = eps, live
         ctx.sizes = [g.shape[0] for g, need in zip(grams, live) if need]
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: no work on zeros
-        g = grams[0] if len(grams) == 1 else torch.cat(grams)
+        rs = [g.shape[-1] for g in grams]
+        r = max(rs)
+        # the backward's runs: consecutive rows with a gradient of one size, (first, end) in ctx.sizes and the size
+        runs: list[list[int]] = []
+        for j, n in enumerate(n for n, need in zip(rs, live) if need):
+            if runs and runs[-1][2] == n:
+                runs[-1][1] = j + 1
+            else:
+                runs.append([j, j + 1, n])
+        ctx.runs = [tuple(run) for run in runs]
+        if len(grams) == 1:
+            g = grams[0]
+        else:  # matrices of several sizes (subspace problems solved together) zero-padded to the largest
+            g = torch.cat([x if x.shape[-1] == r else torch.nn.functional.pad(x, (0, r - x.shape[-1]) * 2)
+                           for x in grams])
         if _solver(g, p, solver) == "eigh":
+            if min(rs) < r:
+                raise ValueError("the full spectrum is solved for matrices of one size only")
             lam_all, v_all = full_eigh(g)
             p = min(p, g.shape[-1])
             lam, v = lam_all[..., :p].clamp_min(0).to(g.dtype), v_all[..., :p].to(g.dtype)
@@ -263,6 +282,7 @@ class _TopEigh(torch.autograd.Function):
         us = (v,) if len(grams) == 1 else v.split(sizes)
         lams = (lam,) if len(grams) == 1 else lam.split(sizes)
         us = [u if n == u.shape[-1] else u[..., :n] for u, n in zip(us, ns)]  # fewer vectors than the group's p
+        us = [u if n == r else u[..., :n, :] for u, n in zip(us, rs)]  # a padded matrix's rows
         lams = [lm if n == lm.shape[-1] else lm[..., :n] for lm, n in zip(lams, ns)]
         ctx.mark_non_differentiable(*(t for ts in (us, lams) for t, need in zip(ts, live) if not need))
         return (*us, *lams)
@@ -272,12 +292,26 @@ class _TopEigh(torch.autograd.Function):
         m = len(ctx.live)
         g_us = [g for g, need in zip(grads[:m], ctx.live) if need]
         g_lams = [g for g, need in zip(grads[m:], ctx.live) if need]
-        g_v, g_lam = _joined(g_us, ctx.sizes, ctx.p), _joined(g_lams, ctx.sizes, ctx.p)
-        none = (None,) * (4 + m)
-        if g_v is None and g_lam is None:
-            return none
-        grad = _spectral_backward(ctx, g_v, g_lam) if ctx.spectral else _subspace_backward(ctx, g_v, g_lam)
-        parts = iter((grad,) if len(ctx.sizes) == 1 else grad.split(ctx.sizes))
+        saved = ctx.saved_tensors
+        out, row = [], 0
+        for lo, hi, n in ctx.runs:  # one backward per size (padding would multiply a solve's arithmetic by ~8)
+            sizes = ctx.sizes[lo:hi]
+            g_v, g_lam = _joined(g_us[lo:hi], sizes, ctx.p), _joined(g_lams[lo:hi], sizes, ctx.p)
+            rows = sum(sizes)
+            if g_v is None and g_lam is None:
+                out += [None] * (hi - lo)
+            else:
+                part = saved if len(ctx.runs) == 1 else [t[row:row + rows] for t in saved]
+                if ctx.spectral:
+                    grad = _spectral_backward(*part, ctx.eps, g_v, g_lam)
+                else:
+                    g, lam, v = part
+                    if g.shape[-1] != n:  # a padded size's own rows and columns
+                        g, v = g[..., :n, :n], v[..., :n, :]
+                    grad = _subspace_backward(g, lam, v, ctx.eps, g_v, g_lam)
+                out += [grad] if hi - lo == 1 else grad.split(sizes)
+            row += rows
+        parts = iter(out)
         return (None,) * 4 + tuple(next(parts) if need else None for need in ctx.live)
 
 
@@ -298,14 +332,13 @@ def _joined(gs: list, sizes: list[int], k: int) -> torch.Tensor | None:
     return full[0] if len(full) == 1 else torch.cat(full)
 
 
-def _subspace_backward(ctx, g_v, g_lam):
-    """The backward of :class:`_TopEigh` without the full spectrum (see its docstring)."""
-    g, lam, v = ctx.saved_tensors
+def _subspace_backward(g, lam, v, eps, g_v, g_lam):
+    """The backward of :class:`_TopEigh` without the full spectrum (see its docstring): saved ``g``, ``lam``, ``v``."""
     grad = None
     if g_lam is not None:
         grad = _mm(v * g_lam.unsqueeze(-2), v.transpose(-1, -2))
     if g_v is not None:
-        tau = ctx.eps * lam.double()[..., :1] + 1e-30  # (B, 1)
+        tau = eps * lam.double()[..., :1] + 1e-30  # (B, 1)
         vt = v.double().transpose(-1, -2)  # (B, p, r): v_i as rows
         gt = g_v.double().transpose(-1, -2)
         # dv_i has no component along v_i: project it out before and after the solve
@@ -346,11 +379,11 @@ def _complex_solve(g: torch.Tensor, lam: torch.Tensor, tau: torch.Tensor, rhs: t
     return torch.linalg.solve(shifted, rhs.to(shifted.dtype)).real
 
 
-def _spectral_backward(ctx, g_v, g_lam):
+def _spectral_backward(lam_all, v_all, eps, g_v, g_lam):
     """The backward of :class:`_TopEigh` from the saved full spectrum (float64): ``sum_i w_i v_i^T`` with
     ``w_i = sum_j v_j d_ij / (d_ij^2 + tau^2) (v_j . g_v_i)``, ``d_ij = l_i - l_j``, plus
     ``V diag(g_lam) V^T`` for the values."""
-    lam_all, v_all = (t.double() for t in ctx.saved_tensors)
+    lam_all, v_all = lam_all.double(), v_all.double()
     dtype = (g_v if g_v is not None else g_lam).dtype
     p = (g_v if g_v is not None else g_lam).shape[-1]
     v = v_all[..., :p]
@@ -358,7 +391,7 @@ def _spectral_backward(ctx, g_v, g_lam):
     if g_lam is not None:
         grad = _mm(v * g_lam.double().unsqueeze(-2), v.transpose(-1, -2))
     if g_v is not None:
-        tau = ctx.eps * lam_all[..., :1].clamp_min(0) + 1e-30  # (B, 1)
+        tau = eps * lam_all[..., :1].clamp_min(0) + 1e-30  # (B, 1)
         d = lam_all[..., :p].unsqueeze(-2) - lam_all.unsqueeze(-1)  # (B, r, p): l_i - l_j
         f = d / (d * d + (tau * tau).unsqueeze(-1))
         coeff = f * _mm(v_all.transpose(-1, -2), g_v.double())  # (B, r, p), row j = direction v_j
@@ -416,9 +449,10 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
 
     With the full spectrum (``eigh``) every matrix is solved on its own inside the batch: the same vectors as
     one call each, to the bit. On the devices in ``GROUP_SUBSPACE_DEVICES`` (CUDA) the subspace iteration also
-    runs the problems of one size together, with a shared block (as many vectors as the largest ``n`` asks)
-    until every matrix's wanted pairs meet the tolerance: the same vectors to that tolerance (tested against
-    each alone in float64), not to the bit; elsewhere each subspace problem is solved alone, as before.
+    runs all its problems together, of every size (zero-padded to the largest), with a shared block (as many
+    vectors as the largest ``n`` asks) until every matrix's wanted pairs meet the tolerance: the same vectors to
+    that tolerance (tested against each alone in float64), not to the bit; elsewhere each subspace problem is
+    solved alone, as before.
     """
     xs = [x if x.dtype == torch.float64 else x.float() for x in xs]  # float64 kept (for checks), else float32
     ns = [max(1, min(int(n), x.shape[-2], x.shape[-1])) for x, n in zip(xs, ns)]
@@ -433,9 +467,10 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
         for i, ((g, _), n, grad) in enumerate(zip(grams, ns, grads)):
             how = _solver(g, n, solver)
             alone = how == "subspace" and g.device.type not in GROUP_SUBSPACE_DEVICES
-            groups.setdefault((how, g.shape[1:], g.dtype, g.device, i if alone else None), []).append(i)
+            size = None if how == "subspace" else g.shape[1:]  # subspace problems of every size together
+            groups.setdefault((how, size, g.dtype, g.device, i if alone else None), []).append(i)
         for (how, *_), idx in groups.items():
-            idx.sort(key=lambda i: grads[i])  # the rows without a gradient first
+            idx.sort(key=lambda i: (grads[i], grams[i][0].shape[-1]))  # without a gradient first; then by size
             with torch.set_grad_enabled(any(grads[i] for i in idx)):
                 found = _TopEigh.apply(max(ns[i] for i in idx), eps, how, tuple(ns[i] for i in idx),
                                        *(grams[i][0] for i in idx))
