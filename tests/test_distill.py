@@ -313,6 +313,29 @@ def test_the_real_solve_of_the_subspace_backward_is_the_complex_solve_in_float64
         assert err_new <= 1e-15 / eps * 100, (err_new, eps)
 
 
+def test_the_block_system_made_from_its_common_part_is_the_four_blocks_put_together():
+    """_regularised_solve makes each system as ``[[-G, -tau I], [tau I, -G]] + l_i I`` (the common part once): the
+    same matrix and solution, to the bit in float64, as the blocks ``a_i = l_i I - G`` and ``tau I`` concatenated
+    (the construction before, written out here)."""
+    from rolekd.distill.svd import _regularised_solve
+
+    def four_blocks(g, lam, tau, rhs):
+        r = g.shape[-1]
+        eye = torch.eye(r, dtype=g.dtype)
+        a = lam[..., None, None] * eye - g.unsqueeze(-3)
+        t = (tau[..., None, None] * eye).expand_as(a)
+        block = torch.cat([torch.cat([a, -t], -1), torch.cat([t, a], -1)], -2)
+        b = torch.cat([rhs, torch.zeros_like(rhs)], -1).unsqueeze(-1)
+        return torch.linalg.solve_ex(block, b, check_errors=False)[0][..., :r, 0]
+
+    for r, p in ((16, 4), (20, 3), (64, 4)):
+        gm, _, lam = _spd_with_clusters(3, r, seed=r)
+        for eps in (1e-4, 1e-9):
+            tau = eps * lam[:, :1] + 1e-30
+            rhs = torch.randn(3, p, r, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+            assert torch.equal(_regularised_solve(gm, lam[:, :p], tau, rhs), four_blocks(gm, lam[:, :p], tau, rhs))
+
+
 def test_fixed_iteration_subspace_runs_the_known_count_and_a_failed_check_raises_it(monkeypatch):
     """The CUDA policy (forced on the CPU here): the first call of a shape checks convergence and records its
     iterations, later calls run that count without a check, every CHECK_EVERY-th call checks again and raises the
