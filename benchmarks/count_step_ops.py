@@ -148,6 +148,19 @@ def patch(labels: Labels):
     for cls in _subclasses(base.Distiller):
         if "forward" in cls.__dict__:
             wrap(cls, "forward", lambda a: f"kd:{type(a[0]).__name__.lower()}")
+    # rolekd's own autograd functions (the eigen-solve, the quantizers, ...): their outputs' nodes are made below the
+    # function mode that labels the rest, so each is labelled here, as the code that applied it
+    for cls in _subclasses(torch.autograd.Function):
+        if cls.__module__.startswith("rolekd.") and "apply" not in cls.__dict__:
+            def applied(*a, _apply=cls.apply, **k):
+                out = _apply(*a, **k)
+                for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                    node = t.grad_fn if isinstance(t, torch.Tensor) else None
+                    if node is not None:
+                        labels.nodes.setdefault(id(node), labels.now)
+                return out
+            cls.apply = staticmethod(applied)
+            undo.append((cls, "apply", None))
     return undo
 
 
@@ -244,7 +257,10 @@ def count(kind: str, model: str, batch: int, path: str) -> dict:
                 step(labels)
         finally:
             for owner, attr, fn in reversed(undo):
-                setattr(owner, attr, fn)
+                if fn is None:  # an inherited attribute shadowed
+                    delattr(owner, attr)
+                else:
+                    setattr(owner, attr, fn)
     return {"ops": sum(counter.ops.values()), "syncs": sum(counter.syncs.values()),
             "kernels": sum(counter.kernels.values()),
             "by_component": dict(counter.ops.most_common()), "syncs_by_component": dict(counter.syncs),
