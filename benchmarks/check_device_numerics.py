@@ -16,8 +16,8 @@ Each check passes or fails with its largest difference; the exit status is 1 whe
   1e-5 (relative to the largest entry);
 * ``iikd_fold_off``: a ResNet18 4-bit II-KD step (batch 8, KD gradient clipped) with the MHGD fold and without it:
   the gradients agree within 1e-4 of each tensor's norm (the fold rounds differently; its KL is small);
-* ``subspace_group``: float64 subspace problems of several sizes solved in one zero-padded iteration (CUDA's way)
-  give each one's vectors and gradients solved alone, to the solver's tolerance.
+* ``subspace_group``, ``eigh_group``: float64 subspace problems, and full-spectrum problems, of several sizes solved in
+  one zero-padded call (CUDA's way) give each one's vectors and gradients solved alone, to the solver's tolerance.
 """
 
 from __future__ import annotations
@@ -141,24 +141,23 @@ def iikd_fold_off(device: torch.device) -> dict:
     return {"pass": rel <= 1e-4, "max_rel_norm_diff": rel}
 
 
-def subspace_group(device: torch.device) -> dict:
-    """float64 singular vectors of matrices of three sizes solved in one padded subspace iteration (as CUDA runs a
-    step's) against each solved alone: the same vectors (|cos| within 1e-9 of 1) and gradients (within 1e-7 of
-    each gradient's norm)."""
+def _padded_group(device: torch.device, flag: str, solver: str, shapes: list, ns: list) -> dict:
+    """float64 singular vectors of matrices of several sizes solved in one zero-padded call (as CUDA runs a step's:
+    ``flag`` names the devices that do) against each solved alone: the same vectors (|cos| within 1e-9 of 1) and
+    gradients (within 1e-7 of each gradient's norm)."""
     import rolekd.distill.svd as svd
     g = torch.Generator().manual_seed(5)
-    shapes, ns = [(3, 50, 36), (2, 60, 48), (3, 44, 70), (2, 20, 30)], [4, 2, 1, 1]
     xs = [(torch.randn(*sh, generator=g, dtype=torch.float64) * torch.linspace(2, 0.05, sh[-1], dtype=torch.float64))
           .to(device).requires_grad_(True) for sh in shapes]
     a = [torch.randn(x.shape[0], x.shape[2], 1, dtype=torch.float64, generator=g).to(device) for x in xs]
 
     def solve(together: bool):
-        old = svd.GROUP_SUBSPACE_DEVICES
-        svd.GROUP_SUBSPACE_DEVICES = {device.type} if together else set()
+        old = getattr(svd, flag)
+        setattr(svd, flag, {device.type} if together else set())
         try:
-            found = svd.top_right_singular_many(xs, ns, eps=1e-9, solver="subspace")
+            found = svd.top_right_singular_many(xs, ns, eps=1e-9, solver=solver)
         finally:
-            svd.GROUP_SUBSPACE_DEVICES = old
+            setattr(svd, flag, old)
         loss = sum(((v * ai).sum(1) ** 2).sum() + (v ** 4).sum() for (v, _), ai in zip(found, a))
         return [v.detach() for v, _ in found], torch.autograd.grad(loss, xs)
 
@@ -168,8 +167,18 @@ def subspace_group(device: torch.device) -> dict:
     return {"pass": cos <= 1e-9 and rel <= 1e-7, "max_cos_diff": cos, "max_rel_grad_diff": rel}
 
 
+def subspace_group(device: torch.device) -> dict:
+    return _padded_group(device, "GROUP_SUBSPACE_DEVICES", "subspace", [(3, 50, 36), (2, 60, 48), (3, 44, 70),
+                                                                       (2, 20, 30)], [4, 2, 1, 1])
+
+
+def eigh_group(device: torch.device) -> dict:
+    return _padded_group(device, "PAD_EIGH_DEVICES", "eigh", [(3, 40, 12), (2, 9, 30), (2, 50, 20), (2, 6, 25)],
+                         [4, 1, 3, 2])
+
+
 CHECKS = {"act_edges": act_edges, "relu_block": relu_block, "mhgd_fold": mhgd_fold, "iikd_fold_off": iikd_fold_off,
-          "subspace_group": subspace_group}
+          "subspace_group": subspace_group, "eigh_group": eigh_group}
 
 
 def main() -> int:

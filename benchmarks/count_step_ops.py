@@ -210,9 +210,10 @@ def make(kind: str, model_name: str, batch: int, cuda_path: bool):
 
 @contextlib.contextmanager
 def cuda_solvers(on: bool):
-    """The eigen-solver choices a CUDA step makes (rolekd.distill.svd picks by device): its subspace problems of
-    one size solved together, for the count the first call converged in, without a convergence check (the step
-    counted is the second, a step between two checks; every CHECK_EVERY-th step checks, as the first one did)."""
+    """The eigen-solver choices a CUDA step makes (rolekd.distill.svd picks by device): its subspace problems solved
+    together, for the count the first call converged in, without a convergence check (the step counted is the second,
+    a step between two checks; every CHECK_EVERY-th step checks, as the first one did), and its full-spectrum
+    problems of every size in one call."""
     if not on:
         yield
         return
@@ -228,19 +229,21 @@ def cuda_solvers(on: bool):
     if not hasattr(svd, "FIXED_ITERATION_DEVICES"):  # an older commit: every call checks (as it did on CUDA)
         svd.FIXED_ITERATION_DEVICES, svd._ITERATIONS = set(), {}
     fixed, known = svd.FIXED_ITERATION_DEVICES, dict(svd._ITERATIONS)
-    grouped = getattr(svd, "GROUP_SUBSPACE_DEVICES", None)
+    flags = {name: getattr(svd, name, None) for name in ("GROUP_SUBSPACE_DEVICES", "PAD_EIGH_DEVICES")}
     svd._solver = as_cuda
     svd.FIXED_ITERATION_DEVICES = {"cpu"}  # CUDA's known iteration count, checked every CHECK_EVERY-th call only
-    svd.GROUP_SUBSPACE_DEVICES = {"cpu"}  # and its subspace problems of one size solved together
+    # its subspace problems solved together, and its full-spectrum problems of every size in one padded call
+    svd.GROUP_SUBSPACE_DEVICES = svd.PAD_EIGH_DEVICES = {"cpu"}
     svd._ITERATIONS.clear()
     try:
         yield
     finally:
         svd._solver, svd.FIXED_ITERATION_DEVICES = orig, fixed
-        if grouped is None:
-            del svd.GROUP_SUBSPACE_DEVICES
-        else:
-            svd.GROUP_SUBSPACE_DEVICES = grouped
+        for name, value in flags.items():  # an older commit lacks one: removed again
+            if value is None:
+                delattr(svd, name)
+            else:
+                setattr(svd, name, value)
         svd._ITERATIONS.clear()
         svd._ITERATIONS.update(known)
 

@@ -188,6 +188,43 @@ def test_singular_vectors_solved_together_are_each_solved_alone(solver, monkeypa
         assert calls[0] == (sum(x.shape[0] for x in xs), 48, 48)
 
 
+def test_full_spectrum_problems_of_several_sizes_in_one_padded_eigh_are_each_solved_alone(monkeypatch):
+    """As on CUDA (PAD_EIGH_DEVICES): full-spectrum problems of several sizes (<= 32 rows; X^T X and X X^T, teacher rows
+    without a gradient, one with a channel that is all zero - an exact zero eigenvalue tied with the padding's) in one
+    eigh call, the smaller zero-padded: each one's vectors, values and gradients as solved alone, to float64 rounding."""
+    from rolekd.distill import svd
+    from rolekd.distill.svd import top_right_singular_many
+    calls, full_eigh = [], svd.full_eigh
+    monkeypatch.setattr(svd, "full_eigh", lambda g: calls.append(g.shape) or full_eigh(g))
+    torch.manual_seed(7)
+    shapes = [(3, 40, 12), (2, 9, 30), (3, 40, 12), (2, 50, 20), (2, 6, 25), (3, 40, 12)]
+    ns = [1, 1, 4, 3, 2, 4]
+    grads = [False, False, True, True, True, True]
+    xs = [torch.randn(*sh, dtype=torch.float64) * torch.linspace(2, 0.05, sh[-1], dtype=torch.float64)
+          for sh in shapes]
+    xs[5][..., 7] = 0  # a dead channel: G has an exact zero eigenvalue
+    xs = [x.requires_grad_(g) for x, g in zip(xs, grads)]
+    a = [torch.randn(x.shape[0], x.shape[2], 1, dtype=torch.float64) for x in xs]
+
+    def loss(found):  # invariant to each vector's sign; the rows with a gradient; values too
+        return sum(((v * a[i]).sum(1) ** 2).sum() + (v ** 4).sum() for i, (v, _) in enumerate(found) if grads[i])
+
+    monkeypatch.setattr(svd, "PAD_EIGH_DEVICES", {"cpu"})
+    together = top_right_singular_many(xs, ns, eps=1e-6)
+    assert calls == [(sum(x.shape[0] for x in xs), 20, 20)]  # one call, padded to the largest (20 x 20)
+    monkeypatch.setattr(svd, "PAD_EIGH_DEVICES", set())
+    alone = [top_right_singular_many([x], [n], eps=1e-6)[0] for x, n in zip(xs, ns)]
+    trained = [x for x, g in zip(xs, grads) if g]
+    g_together = torch.autograd.grad(loss(together), trained)
+    g_alone = torch.autograd.grad(loss(alone), trained)
+    for (v, s), (v_ref, s_ref), x, n in zip(together, alone, xs, ns):
+        assert v.shape == v_ref.shape == (x.shape[0], x.shape[2], n) and (v.grad_fn is not None) == x.requires_grad
+        torch.testing.assert_close((v * v_ref).sum(1).abs().detach(), torch.ones(x.shape[0], n, dtype=torch.float64))
+        torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(g_together, g_alone):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
+
+
 def test_on_the_cpu_the_teachers_vectors_come_from_lapack_in_the_students_call(monkeypatch):
     """On the CPU a teacher's Gram matrix (no gradient) of 33-256 rows is solved by LAPACK's eigh in the student's
     call of its size, not by the subspace iteration (hundreds of operators, a host-side check each call): its

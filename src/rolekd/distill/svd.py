@@ -108,6 +108,10 @@ _ITERATIONS: dict[tuple, tuple[int, int]] = {}  # key -> (iterations, calls so f
 # instead of one per size; the same vectors to the solver's tolerance); elsewhere each alone (the same bits as one
 # call each). The full-spectrum problems of one size are solved together everywhere (the same bits either way).
 GROUP_SUBSPACE_DEVICES = {"cuda"}
+# On these devices the full-spectrum problems of every size are solved in one eigh call too (the smaller zero-padded to
+# the largest, <= 32 rows on CUDA: one synchronisation instead of one per size; the same vectors and gradients to float
+# rounding); elsewhere one call per size (LAPACK solves each matrix alone: the same bits as one call each).
+PAD_EIGH_DEVICES = {"cuda"}
 
 
 def _start_block(r: int, q: int, like: torch.Tensor) -> torch.Tensor:
@@ -260,12 +264,11 @@ class _TopEigh(torch.autograd.Function):
         ctx.runs = [tuple(run) for run in runs]
         if len(grams) == 1:
             g = grams[0]
-        else:  # matrices of several sizes (subspace problems solved together) zero-padded to the largest
+        else:  # matrices of several sizes zero-padded to the largest
             g = torch.cat([x if x.shape[-1] == r else torch.nn.functional.pad(x, (0, r - x.shape[-1]) * 2)
                            for x in grams])
+        ctx.rs = [n for n, need in zip(rs, live) if need]
         if _solver(g, p, solver) == "eigh":
-            if min(rs) < r:
-                raise ValueError("the full spectrum is solved for matrices of one size only")
             lam_all, v_all = full_eigh(g)
             p = min(p, g.shape[-1])
             lam, v = lam_all[..., :p].clamp_min(0).to(g.dtype), v_all[..., :p].to(g.dtype)
@@ -293,41 +296,46 @@ class _TopEigh(torch.autograd.Function):
         g_us = [g for g, need in zip(grads[:m], ctx.live) if need]
         g_lams = [g for g, need in zip(grads[m:], ctx.live) if need]
         saved = ctx.saved_tensors
+        if ctx.spectral:  # one backward for all sizes, padded (<= 32 rows on CUDA: little arithmetic)
+            r = max(ctx.rs)
+            g_v, g_lam = _joined(g_us, ctx.sizes, ctx.p, r), _joined(g_lams, ctx.sizes, ctx.p)
+            if g_v is None and g_lam is None:
+                return (None,) * (4 + m)
+            grad = _spectral_backward(*saved, ctx.eps, g_v, g_lam)
+            parts = iter((grad,) if len(ctx.sizes) == 1 else grad.split(ctx.sizes))
+            cut = (x if n == r else x[..., :n, :n] for x, n in zip(parts, ctx.rs))  # a padded matrix's own block
+            return (None,) * 4 + tuple(next(cut) if need else None for need in ctx.live)
         out, row = [], 0
-        for lo, hi, n in ctx.runs:  # one backward per size (padding would multiply a solve's arithmetic by ~8)
+        for lo, hi, n in ctx.runs:  # the subspace backward once per size, unpadded (padded: ~8x a solve's arithmetic)
             sizes = ctx.sizes[lo:hi]
             g_v, g_lam = _joined(g_us[lo:hi], sizes, ctx.p), _joined(g_lams[lo:hi], sizes, ctx.p)
             rows = sum(sizes)
             if g_v is None and g_lam is None:
                 out += [None] * (hi - lo)
             else:
-                part = saved if len(ctx.runs) == 1 else [t[row:row + rows] for t in saved]
-                if ctx.spectral:
-                    grad = _spectral_backward(*part, ctx.eps, g_v, g_lam)
-                else:
-                    g, lam, v = part
-                    if g.shape[-1] != n:  # a padded size's own rows and columns
-                        g, v = g[..., :n, :n], v[..., :n, :]
-                    grad = _subspace_backward(g, lam, v, ctx.eps, g_v, g_lam)
+                g, lam, v = saved if len(ctx.runs) == 1 else [t[row:row + rows] for t in saved]
+                if g.shape[-1] != n:  # a padded size's own rows and columns
+                    g, v = g[..., :n, :n], v[..., :n, :]
+                grad = _subspace_backward(g, lam, v, ctx.eps, g_v, g_lam)
                 out += [grad] if hi - lo == 1 else grad.split(sizes)
             row += rows
         parts = iter(out)
         return (None,) * 4 + tuple(next(parts) if need else None for need in ctx.live)
 
 
-def _joined(gs: list, sizes: list[int], k: int) -> torch.Tensor | None:
+def _joined(gs: list, sizes: list[int], k: int, rows: int | None = None) -> torch.Tensor | None:
     """The gradients ``gs`` of the rows with a gradient (None: unused) as one batch of ``k`` columns (the group's
-    pairs: zeros for a missing gradient and for the columns a matrix wanting fewer pairs lacks); None if all
-    are None."""
+    pairs: zeros for a missing gradient and for the columns a matrix wanting fewer pairs lacks) and, given ``rows``,
+    that many rows (zeros below a smaller matrix's vectors); None if all are None."""
     if all(g is None for g in gs):
         return None
     like = next(g for g in gs if g is not None)
     full = []
     for g, size in zip(gs, sizes):
         if g is None:
-            g = like.new_zeros((size, *like.shape[1:-1], k))
-        elif g.shape[-1] < k:
-            g = torch.nn.functional.pad(g, (0, k - g.shape[-1]))
+            g = like.new_zeros((size, *like.shape[1:-2], rows, k) if rows else (size, *like.shape[1:-1], k))
+        elif g.shape[-1] < k or (rows and g.shape[-2] < rows):
+            g = torch.nn.functional.pad(g, (0, k - g.shape[-1]) + ((0, rows - g.shape[-2]) if rows else ()))
         full.append(g)
     return full[0] if len(full) == 1 else torch.cat(full)
 
@@ -459,7 +467,8 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
     shares a call with ones that do and gets no backward work (its rows go first and come out non-differentiable).
 
     With the full spectrum (``eigh``) every matrix is solved on its own inside the batch: the same vectors as
-    one call each, to the bit. On the devices in ``GROUP_SUBSPACE_DEVICES`` (CUDA) the subspace iteration also
+    one call each, to the bit (on the devices in ``PAD_EIGH_DEVICES`` (CUDA) the problems of every size in one call,
+    the smaller zero-padded: to float rounding). On the devices in ``GROUP_SUBSPACE_DEVICES`` (CUDA) the subspace iteration also
     runs all its problems together, of every size (zero-padded to the largest), with a shared block (as many
     vectors as the largest ``n`` asks) until every matrix's wanted pairs meet the tolerance: the same vectors to
     that tolerance (tested against each alone in float64), not to the bit; elsewhere each subspace problem is
@@ -478,7 +487,8 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
         for i, ((g, _), n, grad) in enumerate(zip(grams, ns, grads)):
             how = _solver(g, n, solver)
             alone = how == "subspace" and g.device.type not in GROUP_SUBSPACE_DEVICES
-            size = None if how == "subspace" else g.shape[1:]  # subspace problems of every size together
+            padded = how == "subspace" or g.device.type in PAD_EIGH_DEVICES  # problems of every size together
+            size = None if padded else g.shape[1:]
             groups.setdefault((how, size, g.dtype, g.device, i if alone else None), []).append(i)
         for (how, *_), idx in groups.items():
             idx.sort(key=lambda i: (grads[i], grams[i][0].shape[-1]))  # without a gradient first; then by size
