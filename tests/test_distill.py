@@ -223,6 +223,12 @@ def test_full_spectrum_problems_of_several_sizes_in_one_padded_eigh_are_each_sol
         torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
     for g, g_ref in zip(g_together, g_alone):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
+    # above 32 rows (an explicit eigh: on CUDA a loop over the matrices) each size keeps its own call, unpadded
+    monkeypatch.setattr(svd, "PAD_EIGH_DEVICES", {"cpu"})
+    calls.clear()
+    top_right_singular_many([torch.randn(2, 50, 40), torch.randn(2, 9, 30), torch.randn(2, 50, 36)], [2, 2, 2],
+                            solver="eigh")
+    assert sorted(calls) == [(2, 9, 9), (2, 36, 36), (2, 40, 40)]
 
 
 def test_on_the_cpu_the_teachers_vectors_come_from_lapack_in_the_students_call(monkeypatch):

@@ -108,9 +108,10 @@ _ITERATIONS: dict[tuple, tuple[int, int]] = {}  # key -> (iterations, calls so f
 # instead of one per size; the same vectors to the solver's tolerance); elsewhere each alone (the same bits as one
 # call each). The full-spectrum problems of one size are solved together everywhere (the same bits either way).
 GROUP_SUBSPACE_DEVICES = {"cuda"}
-# On these devices the full-spectrum problems of every size are solved in one eigh call too (the smaller zero-padded to
-# the largest, <= 32 rows on CUDA: one synchronisation instead of one per size; the same vectors and gradients to float
-# rounding); elsewhere one call per size (LAPACK solves each matrix alone: the same bits as one call each).
+# On these devices the full-spectrum problems of up to _EIGH_SMALL rows are solved in one eigh call (the smaller
+# zero-padded to the largest: one synchronisation on CUDA instead of one per size; the same vectors and gradients to
+# float rounding); elsewhere, and for larger ones, one call per size (LAPACK solves each matrix alone: the same bits as
+# one call each).
 PAD_EIGH_DEVICES = {"cuda"}
 
 
@@ -487,8 +488,9 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
         for i, ((g, _), n, grad) in enumerate(zip(grams, ns, grads)):
             how = _solver(g, n, solver)
             alone = how == "subspace" and g.device.type not in GROUP_SUBSPACE_DEVICES
-            padded = how == "subspace" or g.device.type in PAD_EIGH_DEVICES  # problems of every size together
-            size = None if padded else g.shape[1:]
+            # problems of every size together: the subspace ones, and on PAD_EIGH_DEVICES the small full-spectrum ones
+            small = g.device.type in PAD_EIGH_DEVICES and g.shape[-1] <= _EIGH_SMALL
+            size = None if how == "subspace" or small else g.shape[1:]
             groups.setdefault((how, size, g.dtype, g.device, i if alone else None), []).append(i)
         for (how, *_), idx in groups.items():
             idx.sort(key=lambda i: (grads[i], grams[i][0].shape[-1]))  # without a gradient first; then by size
