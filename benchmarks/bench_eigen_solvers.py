@@ -4,12 +4,18 @@ the subspace iteration, by Gram size; and the subspace iteration's iteration cou
     python benchmarks/bench_eigen_solvers.py                                  # CPU: both tables
     python benchmarks/bench_eigen_solvers.py --device cuda --rows 512         # on a GPU (gpu_session.sh kd)
     python benchmarks/bench_eigen_solvers.py --skip-timing --extras 8 16 24   # the iteration counts only
+    python benchmarks/bench_eigen_solvers.py --device cuda --skip-timing --skip-iterations --groups 256  # padding
 
 *Timing*: forward + backward of ``top_right_singular_many`` (what a KD step calls) on ``--rows`` matrices ``(HW, C)``
 whose Gram matrix is ``C x C``, 4 vectors each with a gradient (a student's taps), solver ``eigh`` against
 ``subspace`` in its steady state (the known iteration count without a check, as CUDA runs it); median of
 ``--repeats`` rounds, the two alternating. On CUDA ``auto`` takes ``eigh`` up to 32 rows only: torch's batched
 ``eigh`` looped over the batch above that (``rolekd.distill.svd``); this row says whether that still holds on a card.
+
+*Groups* (``--groups BATCH``): a ResNet18 step's problems as CUDA solves them now (the subspace ones of every size in
+one zero-padded call, the small full-spectrum ones in another) against one call per Gram size; whether the padding's
+extra arithmetic costs less than the launches and synchronisations it saves (a GPU question: on the CPU, where LAPACK
+takes sizes up to 256, the padded path runs only the full-spectrum grouping).
 
 *Iterations*: the subspace solver's iterations to its tolerance (float32 input: residual <= 1e-5 lambda_max) with a
 block of ``p + extra`` vectors, ``p`` = 1 (a teacher's vector) and 4 (a student's candidates), on ResNet18's and
@@ -67,6 +73,55 @@ def timing(device: torch.device, rows: int, sizes: list[int], repeats: int) -> l
         print(f"C {c:4d}, {rows} matrices: eigh {row['eigh_ms']:8.2f} ms, subspace {row['subspace_ms']:8.2f} ms "
               f"(eigh / subspace {row['eigh_over_subspace']:.2f})", flush=True)
     return out
+
+
+RESNET18_TAPS = [(1024, 64), (256, 128), (64, 256), (16, 512)]  # (HW, C) of ResNet18's four taps on CIFAR
+
+
+def groups(device: torch.device, batch: int, repeats: int) -> dict:
+    """A ResNet18 II-KD step's singular-vector problems (teacher k = 1 without a gradient, student 4 with one, at each
+    tap), forward + backward: as this device solves them now (``GROUP_SUBSPACE_DEVICES`` and ``PAD_EIGH_DEVICES``: the
+    subspace problems of every size in one padded call, the small full-spectrum ones in another) against one call per
+    Gram size (as before the padding); steady state, median of ``repeats``, alternating."""
+    torch.manual_seed(0)
+    teacher = [torch.randn(batch, hw, c, device=device).relu() for hw, c in RESNET18_TAPS]
+    student = [torch.randn(batch, hw, c, device=device).relu().requires_grad_(True) for hw, c in RESNET18_TAPS]
+    xs, ns = teacher + student, [1] * len(teacher) + [4] * len(student)
+    by_size: dict[int, list[int]] = {}
+    for i, x in enumerate(xs):
+        by_size.setdefault(min(x.shape[-2:]), []).append(i)
+
+    def run(padded: bool) -> float:
+        _sync(device)
+        t = time.perf_counter()
+        if padded:
+            found = svd.top_right_singular_many(xs, ns)
+        else:
+            found = [None] * len(xs)
+            for idx in by_size.values():
+                for i, f in zip(idx, svd.top_right_singular_many([xs[i] for i in idx], [ns[i] for i in idx])):
+                    found[i] = f
+        torch.autograd.grad(sum((v ** 3).sum() for v, _ in found[len(teacher):]), student)
+        _sync(device)
+        return time.perf_counter() - t
+
+    saved = svd.FIXED_ITERATION_DEVICES, svd.GROUP_SUBSPACE_DEVICES, svd.PAD_EIGH_DEVICES
+    svd.FIXED_ITERATION_DEVICES = saved[0] | {device.type}  # the steady state: the known count, no check
+    svd.GROUP_SUBSPACE_DEVICES, svd.PAD_EIGH_DEVICES = saved[1] | {device.type}, saved[2] | {device.type}
+    try:
+        times = {"padded": [], "per_size": []}
+        for how in times:  # warm-up (the iteration counts recorded)
+            run(how == "padded")
+        for _ in range(repeats):
+            for how in times:
+                times[how].append(run(how == "padded"))
+    finally:
+        svd.FIXED_ITERATION_DEVICES, svd.GROUP_SUBSPACE_DEVICES, svd.PAD_EIGH_DEVICES = saved
+    row = {"batch": batch, **{f"{k}_ms": statistics.median(v) * 1e3 for k, v in times.items()}}
+    row["padded_over_per_size"] = row["padded_ms"] / row["per_size_ms"]
+    print(f"ResNet18's taps, batch {batch}: padded {row['padded_ms']:8.2f} ms, one call per size "
+          f"{row['per_size_ms']:8.2f} ms (padded / per size {row['padded_over_per_size']:.2f})", flush=True)
+    return row
 
 
 def _matrices(batch: int) -> dict[str, torch.Tensor]:
@@ -128,6 +183,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--extras", type=int, nargs="+", default=[8, 16, 24], help="subspace block = p + extra")
     ap.add_argument("--batch", type=int, default=32, help="matrices per iteration-count problem")
+    ap.add_argument("--groups", type=int, default=0, metavar="BATCH",
+                    help="also time a ResNet18 step's problems padded together against one call per size, at BATCH")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-iterations", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
@@ -139,6 +196,8 @@ def main() -> None:
               "card": torch.cuda.get_device_name() if device.type == "cuda" else None}
     if not a.skip_timing:
         result["timing"] = timing(device, a.rows, a.sizes, a.repeats)
+    if a.groups:
+        result["groups"] = groups(device, a.groups, a.repeats)
     if not a.skip_iterations:
         result["iterations"] = iterations(a.extras, a.batch)
     if a.out:

@@ -18,7 +18,8 @@
 # `kd` = issue 32's KD step on the card: fp32, 4-bit and 4-bit II-KD (clipped) steps of ResNet18 at batch 256
 #   (bench_kd.py), the issue's base and this checkout alternating (two rounds), after the CPU tests' bit-identity
 #   claims checked on the card (check_device_numerics.py) and the eigen-solvers' row (bench_eigen_solvers.py:
-#   batched eigh vs the subspace iteration by size); needs the base's code in .gpu/base:
+#   batched eigh vs the subspace iteration by size; a step's problems padded together vs one call per size); needs
+#   the base's code in .gpu/base:
 #   mkdir -p .gpu/base && git archive 0b57263 src | tar -x -C .gpu/base
 # `pipeline [T1 T2]` = the multi-GPU-ready row: the gpu-mini pipeline with its stages on pipeline.workers = the visible
 #   GPUs (one stage per GPU at a time; on one GPU the stages run one after another), time limit T1 s; on a single GPU
@@ -94,9 +95,10 @@ mode_kd() {  # issue 32: the KD step at the issue's base (.gpu/base/src) and now
   local kd="benchmarks/bench_kd.py --device cuda --model resnet18 --batch 256 --bits 4 --methods iikd --steps 30"
   # the bit-identity claims of the CPU tests, on the card (activation quantizer, fused ReLU, MHGD fold)
   step 120 numerics python3 benchmarks/check_device_numerics.py --device cuda --out $OUT/numerics.json
-  # whether cuSOLVER's batched eigh now beats the subspace iteration above 32 rows (CUDA's solver choice)
-  step 90 eigen python3 benchmarks/bench_eigen_solvers.py --device cuda --rows 512 --repeats 3 --skip-iterations \
-    --out $OUT/eigen.json
+  # whether cuSOLVER's batched eigh now beats the subspace iteration above 32 rows (CUDA's solver choice), and whether
+  # a step's problems padded into one call beat one call per size (ResNet18's taps at batch 256)
+  step 100 eigen python3 benchmarks/bench_eigen_solvers.py --device cuda --rows 512 --repeats 3 --skip-iterations \
+    --groups 256 --out $OUT/eigen.json
   step 120 kd_base_1 python3 $kd --src .gpu/base/src --out $OUT/kd_base_1.json
   step 120 kd_new_1 python3 $kd --out $OUT/kd_new_1.json
   step 120 kd_new_2 python3 $kd --out $OUT/kd_new_2.json
