@@ -238,9 +238,10 @@ class _TopEigh(torch.autograd.Function):
 
     ``apply(p, eps, solver, ns, *grams)``: the matrices ``grams`` (each (B_i, r_i, r_i)) solved in one
     batched call for ``p`` pairs, the ones that need no gradient (the teacher's) first; returns each matrix's
-    vectors ``(B_i, r_i, ns[i])``, then each one's values ``(B_i, ns[i])``. The full spectrum takes matrices of one
-    size; the subspace iteration several, zero-padded to the largest (the padding adds only zero eigenvalues, and a
-    padded matrix's vectors have exact zeros in its rows, cut off), with one backward per size (unpadded). A matrix's outputs are its own
+    vectors ``(B_i, r_i, ns[i])``, then each one's values ``(B_i, ns[i])``. Matrices of several sizes are zero-padded
+    to the largest (the padding adds only zero eigenvalues; a padded matrix's vectors have zeros in its rows, cut off):
+    the full spectrum's backward runs padded (small matrices only: ``PAD_EIGH_DEVICES``), the subspace iteration's
+    once per size, unpadded. A matrix's outputs are its own
     (split and cut inside this node: no split, cut or concatenation nodes of autograd around it, and no
     detach of the gradient-free ones, which come out non-differentiable); the backward works on the rows
     with a gradient only and returns none for the others.
