@@ -189,9 +189,10 @@ def test_singular_vectors_solved_together_are_each_solved_alone(solver, monkeypa
 
 
 def test_full_spectrum_problems_of_several_sizes_in_one_padded_eigh_are_each_solved_alone(monkeypatch):
-    """As on CUDA (PAD_EIGH_DEVICES): full-spectrum problems of several sizes (<= 32 rows; X^T X and X X^T, teacher rows
-    without a gradient, one with a channel that is all zero - an exact zero eigenvalue tied with the padding's) in one
-    eigh call, the smaller zero-padded: each one's vectors, values and gradients as solved alone, to float64 rounding."""
+    """As on CUDA (PAD_EIGH_DEVICES): full-spectrum problems of several sizes (<= 32 rows; X^T X and X X^T, teacher
+    rows without a gradient, one with a channel that is all zero - an exact zero eigenvalue tied with the padding's)
+    in one eigh call, the smaller zero-padded: each one's vectors, values and gradients as solved alone, to float64
+    rounding."""
     from rolekd.distill import svd
     from rolekd.distill.svd import top_right_singular_many
     calls, full_eigh = [], svd.full_eigh

@@ -50,6 +50,7 @@ whatever LAPACK returns), students are aligned to them.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -139,8 +140,8 @@ def _orthonormalize(z: torch.Tensor, passes: int = 2, shift: torch.Tensor | None
 
     ``Z^T Z + shift I`` is made by adding the shift to the diagonal in place (no identity and its products) and
     factored as ``U^T U`` (no transpose): 9 operators a pass (19 with the identity). ``shift``: a ready ``shift I``
-    ((B, q, q) or (q, q)) of the right scale instead (the subspace iteration's, made once a call): ``Z^T Z + shift I`` in one
-    ``baddbmm``, 4 operators a pass."""
+    ((B, q, q) or (q, q)) of the right scale instead (the subspace iteration's, made once a call): ``Z^T Z + shift I``
+    in one ``baddbmm``, 4 operators a pass."""
     for _ in range(passes):
         if shift is not None:
             m = torch.baddbmm(shift, z.transpose(-1, -2), z)
@@ -241,10 +242,9 @@ class _TopEigh(torch.autograd.Function):
     vectors ``(B_i, r_i, ns[i])``, then each one's values ``(B_i, ns[i])``. Matrices of several sizes are zero-padded
     to the largest (the padding adds only zero eigenvalues; a padded matrix's vectors have zeros in its rows, cut off):
     the full spectrum's backward runs padded (small matrices only: ``PAD_EIGH_DEVICES``), the subspace iteration's
-    once per size, unpadded. A matrix's outputs are its own
-    (split and cut inside this node: no split, cut or concatenation nodes of autograd around it, and no
-    detach of the gradient-free ones, which come out non-differentiable); the backward works on the rows
-    with a gradient only and returns none for the others.
+    once per size, unpadded. A matrix's outputs are its own (split and cut inside this node: no split, cut or
+    concatenation nodes of autograd around it, and no detach of the gradient-free ones, which come out
+    non-differentiable); the backward works on the rows with a gradient only and returns none for the others.
     """
 
     @staticmethod
@@ -256,20 +256,12 @@ class _TopEigh(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: no work on zeros
         rs = [g.shape[-1] for g in grams]
         r = max(rs)
-        # the backward's runs: consecutive rows with a gradient of one size, (first, end) in ctx.sizes and the size
-        runs: list[list[int]] = []
-        for j, n in enumerate(n for n, need in zip(rs, live) if need):
-            if runs and runs[-1][2] == n:
-                runs[-1][1] = j + 1
-            else:
-                runs.append([j, j + 1, n])
-        ctx.runs = [tuple(run) for run in runs]
+        ctx.rs = [n for n, need in zip(rs, live) if need]  # sizes of the rows with a gradient (sorted by the caller)
         if len(grams) == 1:
             g = grams[0]
         else:  # matrices of several sizes zero-padded to the largest
             g = torch.cat([x if x.shape[-1] == r else torch.nn.functional.pad(x, (0, r - x.shape[-1]) * 2)
                            for x in grams])
-        ctx.rs = [n for n, need in zip(rs, live) if need]
         if _solver(g, p, solver) == "eigh":
             lam_all, v_all = full_eigh(g)
             p = min(p, g.shape[-1])
@@ -307,15 +299,18 @@ class _TopEigh(torch.autograd.Function):
             parts = iter((grad,) if len(ctx.sizes) == 1 else grad.split(ctx.sizes))
             cut = (x if n == r else x[..., :n, :n] for x, n in zip(parts, ctx.rs))  # a padded matrix's own block
             return (None,) * 4 + tuple(next(cut) if need else None for need in ctx.live)
-        out, row = [], 0
-        for lo, hi, n in ctx.runs:  # the subspace backward once per size, unpadded (padded: ~8x a solve's arithmetic)
+        out, row, one_size = [], 0, len(set(ctx.rs)) == 1
+        # the subspace backward once per size, unpadded (padded: ~8x a solve's arithmetic); a size's rows consecutive
+        for n, run in itertools.groupby(range(len(ctx.rs)), key=ctx.rs.__getitem__):
+            run = list(run)
+            lo, hi = run[0], run[-1] + 1
             sizes = ctx.sizes[lo:hi]
             g_v, g_lam = _joined(g_us[lo:hi], sizes, ctx.p), _joined(g_lams[lo:hi], sizes, ctx.p)
             rows = sum(sizes)
             if g_v is None and g_lam is None:
                 out += [None] * (hi - lo)
             else:
-                g, lam, v = saved if len(ctx.runs) == 1 else [t[row:row + rows] for t in saved]
+                g, lam, v = saved if one_size else [t[row:row + rows] for t in saved]
                 if g.shape[-1] != n:  # a padded size's own rows and columns
                     g, v = g[..., :n, :n], v[..., :n, :]
                 grad = _subspace_backward(g, lam, v, ctx.eps, g_v, g_lam)
@@ -469,12 +464,12 @@ def top_right_singular_many(xs: list[torch.Tensor], ns: list[int], eps: float = 
     shares a call with ones that do and gets no backward work (its rows go first and come out non-differentiable).
 
     With the full spectrum (``eigh``) every matrix is solved on its own inside the batch: the same vectors as
-    one call each, to the bit (on the devices in ``PAD_EIGH_DEVICES`` (CUDA) the problems of every size in one call,
-    the smaller zero-padded: to float rounding). On the devices in ``GROUP_SUBSPACE_DEVICES`` (CUDA) the subspace iteration also
-    runs all its problems together, of every size (zero-padded to the largest), with a shared block (as many
-    vectors as the largest ``n`` asks) until every matrix's wanted pairs meet the tolerance: the same vectors to
-    that tolerance (tested against each alone in float64), not to the bit; elsewhere each subspace problem is
-    solved alone, as before.
+    one call each, to the bit (on the devices in ``PAD_EIGH_DEVICES`` (CUDA) the problems of every size up to 32
+    rows in one call, the smaller zero-padded: to float rounding). On the devices in ``GROUP_SUBSPACE_DEVICES``
+    (CUDA) the subspace iteration also runs all its problems together, of every size (zero-padded to the largest),
+    with a shared block (as many vectors as the largest ``n`` asks) until every matrix's wanted pairs meet the
+    tolerance: the same vectors to that tolerance (tested against each alone in float64), not to the bit;
+    elsewhere each subspace problem is solved alone, as before.
     """
     xs = [x if x.dtype == torch.float64 else x.float() for x in xs]  # float64 kept (for checks), else float32
     ns = [max(1, min(int(n), x.shape[-2], x.shape[-1])) for x, n in zip(xs, ns)]
